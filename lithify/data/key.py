@@ -1,0 +1,92 @@
+"""Keys, their order and the Arrow schema every entry is stored in.
+
+An entry is (row, family, qualifier, visibility, timestamp, deleted) -> value. Entries sort by
+row, family, qualifier, visibility ascending, then timestamp descending (newest first), and at an
+equal timestamp a delete sorts before a put, so that a reader meets a delete before anything it
+hides. Every component of lithify (memory map, files, merge, scans) stores entries as Arrow record
+batches with `ENTRY_SCHEMA`, so batches move between them without conversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ENTRY_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.binary(), nullable=False),
+        pa.field("family", pa.binary(), nullable=False),
+        pa.field("qualifier", pa.binary(), nullable=False),
+        pa.field("visibility", pa.binary(), nullable=False),
+        pa.field("timestamp", pa.int64(), nullable=False),
+        pa.field("deleted", pa.bool_(), nullable=False),
+        pa.field("value", pa.binary(), nullable=False),
+    ]
+)
+
+#: The column key: entries that agree on these are versions of one cell.
+COLUMN_FIELDS = ("row", "family", "qualifier", "visibility")
+
+#: Sort keys for `pyarrow.compute.sort_indices` that give the key order described above.
+SORT_KEYS = [
+    ("row", "ascending"),
+    ("family", "ascending"),
+    ("qualifier", "ascending"),
+    ("visibility", "ascending"),
+    ("timestamp", "descending"),
+    ("deleted", "descending"),
+]
+
+MAX_TIMESTAMP = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One entry's key. Compare keys with `sort_tuple()`, never field by field."""
+
+    row: bytes
+    family: bytes = b""
+    qualifier: bytes = b""
+    visibility: bytes = b""
+    timestamp: int = MAX_TIMESTAMP
+    deleted: bool = False
+
+    def sort_tuple(self) -> tuple[bytes, bytes, bytes, bytes, int, bool]:
+        return sort_tuple(
+            self.row, self.family, self.qualifier, self.visibility, self.timestamp, self.deleted
+        )
+
+    def column(self) -> tuple[bytes, bytes, bytes, bytes]:
+        return (self.row, self.family, self.qualifier, self.visibility)
+
+
+def sort_tuple(
+    row: bytes, family: bytes, qualifier: bytes, visibility: bytes, timestamp: int, deleted: bool
+) -> tuple[bytes, bytes, bytes, bytes, int, bool]:
+    """A tuple whose natural Python order is the key order."""
+    return (row, family, qualifier, visibility, -timestamp, not deleted)
+
+
+def key_at(batch: pa.RecordBatch | pa.Table, i: int) -> Key:
+    """The key of entry `i` of a batch in `ENTRY_SCHEMA`."""
+    return Key(
+        batch.column("row")[i].as_py(),
+        batch.column("family")[i].as_py(),
+        batch.column("qualifier")[i].as_py(),
+        batch.column("visibility")[i].as_py(),
+        batch.column("timestamp")[i].as_py(),
+        batch.column("deleted")[i].as_py(),
+    )
+
+
+def sort_table(table: pa.Table) -> pa.Table:
+    """Entries of `table` in key order (stable, so equal keys keep their relative order)."""
+    if table.num_rows <= 1:
+        return table
+    return table.take(pc.sort_indices(table, sort_keys=SORT_KEYS))
+
+
+def empty_table() -> pa.Table:
+    return ENTRY_SCHEMA.empty_table()

@@ -1,0 +1,228 @@
+"""A hosted tablet: its in-memory map, its files, and the operations that change them.
+
+Writes go to the shared write-ahead log, then to the in-memory map. A flush (minor compaction)
+freezes the map, writes it to an `F` file and records the file in the metadata together with the
+sequence number it covers, so recovery replays only newer log records. Scans merge the map, any
+map being flushed, and the files, each file read through its fence and the tablet's extent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from lithify.compaction.merge import merge_sorted
+from lithify.data.ranges import Extent, FileRef, RowRange
+from lithify.files.in_use import FilesInUse
+from lithify.files.naming import new_file_name
+from lithify.files.reader import SortedFileReader
+from lithify.files.storage import Storage
+from lithify.files.writer import SortedFileWriter
+from lithify.metadata.store import MetadataStore, TabletMeta
+from lithify.table.properties import Properties
+from lithify.tablet.log_manager import LogManager
+from lithify.tablet.memtable import InMemoryMap, TabletClock
+from lithify.tablet.wal import LogRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TabletContext:
+    """What a tablet needs from the server that hosts it."""
+
+    storage: Storage
+    meta: MetadataStore
+    logs: LogManager
+    table_props: Callable[[str], Properties]
+    on_files_changed: Callable[[Extent], None]
+    in_use: FilesInUse
+
+
+def tablet_key(extent: Extent) -> str:
+    """The name of a tablet in write-ahead log records."""
+    end = "~" if extent.end_row is None else extent.end_row.hex()
+    return f"{extent.table_id};{end}"
+
+
+def newest_first(files: Iterable[FileRef]) -> list[FileRef]:
+    """Files in the order a merge wants them: names carry a time-sortable id, newest first."""
+    return sorted(files, key=lambda f: f.path.rsplit("/", 1)[-1][1:], reverse=True)
+
+
+class Tablet:
+    def __init__(self, meta: TabletMeta, ctx: TabletContext) -> None:
+        self.extent = meta.extent
+        self.key = tablet_key(meta.extent)
+        self._ctx = ctx
+        self._meta = meta
+        self._lock = threading.RLock()
+        self._flush_lock = threading.Lock()
+        self._memtable = InMemoryMap()
+        self._memtable_logs: set[str] = set()
+        self._flushing: list[InMemoryMap] = []
+        self.clock = TabletClock()
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    @property
+    def meta(self) -> TabletMeta:
+        return self._meta
+
+    @property
+    def files(self) -> tuple[FileRef, ...]:
+        return self._meta.files
+
+    def refresh(self) -> TabletMeta:
+        """Re-read this tablet's metadata (after a commit made elsewhere)."""
+        fresh = self._ctx.meta.get_tablet(self.extent)
+        if fresh is not None:
+            self._meta = fresh
+        return self._meta
+
+    def mutate(self, fn: Callable[[TabletMeta], TabletMeta | None]) -> TabletMeta:
+        """Conditionally update this tablet's metadata and keep the result."""
+        result = self._ctx.meta.mutate_tablet(self.extent, fn)
+        with self._lock:
+            if result is not None:
+                self._meta = result
+            else:
+                self.refresh()
+        return self._meta
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def write(self, entries: pa.Table) -> int:
+        """Log and apply entries (all inside this extent); returns the log sequence number."""
+        durability = self._ctx.table_props(self.extent.table_id)["table.durability"]
+        with self._lock:
+            stamped = self.clock.assign(entries)
+            seq, log_path = self._ctx.logs.append(self.key, stamped, durability)
+            if log_path not in self._meta.logs:
+                self._add_log_ref(log_path)
+            self._memtable.add(stamped, seq)
+            self._memtable_logs.add(log_path)
+            return seq
+
+    def _add_log_ref(self, log_path: str) -> None:
+        def add(m: TabletMeta) -> TabletMeta | None:
+            if log_path in m.logs:
+                return None
+            return m.replace(logs=(*m.logs, log_path))
+
+        self.mutate(add)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._memtable.size_bytes
+
+    @property
+    def flushing_bytes(self) -> int:
+        with self._lock:
+            return sum(m.size_bytes for m in self._flushing)
+
+    # -- flush (minor compaction) -----------------------------------------------------------
+
+    def flush(self) -> FileRef | None:
+        """Write the in-memory map to an F file; returns its reference (None if it was empty).
+
+        If writing or committing fails, the frozen entries go back into the live map and the
+        logs stay referenced, so a failed flush loses nothing.
+        """
+        with self._flush_lock:
+            with self._lock:
+                frozen, frozen_logs = self._memtable, self._memtable_logs
+                if frozen.entries == 0:
+                    return None
+                self._memtable = InMemoryMap()
+                self._memtable_logs = set()
+                self._flushing.append(frozen)
+            path = new_file_name("F", self.extent.table_id)
+            try:
+                with self._ctx.in_use.using([path]):
+                    ref = self._write_flush_file(frozen, path)
+                    self.mutate(lambda m: self._commit_flush(m, ref, frozen.max_seq))
+            except BaseException:
+                with self._lock:
+                    self._memtable.add(frozen.sorted_table(), frozen.max_seq)
+                    self._memtable_logs |= frozen_logs
+                raise
+            finally:
+                with self._lock:
+                    self._flushing.remove(frozen)
+        log.info("Flushed %s created %s entries %d size %d", self.extent, ref.path, ref.entries, ref.size)
+        self._ctx.on_files_changed(self.extent)
+        return ref
+
+    def _commit_flush(self, m: TabletMeta, ref: FileRef, flushed_seq: int) -> TabletMeta:
+        with self._lock:
+            still_needed = tuple(sorted(self._memtable_logs))
+        return m.replace(
+            files=(*m.files, ref),
+            flushed_seq=max(m.flushed_seq, flushed_seq),
+            logs=still_needed,
+        )
+
+    def _write_flush_file(self, frozen: InMemoryMap, path: str) -> FileRef:
+        props = self._ctx.table_props(self.extent.table_id)
+        writer = SortedFileWriter(
+            self._ctx.storage, path, compression=props["table.file.compress.type"]
+        )
+        try:
+            for batch in merge_sorted(
+                [frozen.sorted_table().to_batches()],
+                versions=props.get_int("table.versions"),
+                propagate_deletes=True,
+            ):
+                writer.write(batch)
+            info = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return FileRef(path, info.size, info.entries)
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def recover(self, records: Iterable[LogRecord]) -> int:
+        """Replay this tablet's log records newer than its last flush; returns entries replayed."""
+        replayed = 0
+        with self._lock:
+            for rec in records:
+                if rec.tablet != self.key or rec.seq <= self._meta.flushed_seq:
+                    continue
+                inside = _inside(rec.table, self.extent.range)
+                if inside.num_rows:
+                    self._memtable.add(inside, rec.seq)
+                    self.clock.observe_table(inside)
+                    replayed += inside.num_rows
+            self._memtable_logs = set(self._meta.logs)
+        return replayed
+
+    # -- scans ------------------------------------------------------------------------------
+
+    def scan_sources(self, rng: RowRange) -> tuple[list[Iterable[pa.RecordBatch]], list[FileRef]]:
+        """Newest-first sources for a merge over `rng` (already clipped to the extent).
+
+        Returns the sources and the files they read, so the caller can mark them in use.
+        """
+        with self._lock:
+            maps = [self._memtable, *reversed(self._flushing)]
+            files = newest_first(self._meta.files)
+        sources: list[Iterable[pa.RecordBatch]] = [m.sorted_table(rng).to_batches() for m in maps]
+        sources += [self._file_batches(f, rng) for f in files]
+        return sources, files
+
+    def _file_batches(self, f: FileRef, rng: RowRange) -> Iterator[pa.RecordBatch]:
+        clip = f.fence.intersect(rng)
+        if clip.is_empty():
+            return iter(())
+        return SortedFileReader.open(self._ctx.storage, f.path).batches(clip)
+
+
+def _inside(table: pa.Table, rng: RowRange) -> pa.Table:
+    mask = rng.mask(table.column("row"))
+    return table if mask is None else table.filter(mask)

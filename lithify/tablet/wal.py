@@ -1,0 +1,583 @@
+"""The write-ahead log: every write is appended here before it reaches a tablet's in-memory map.
+
+One log file per tablet-server generation is shared by all the tablets the server hosts (as in
+Accumulo), so one write, and for `sync` one fsync, can cover the records of many tablets at once
+(group commit). After a crash, a tablet replays the records newer than its last flush.
+
+File layout (little-endian)::
+
+    header  = magic "LITHWAL\\0" | u16 format version | u16 flags (0) | u64 generation
+              | u32 crc32 of the preceding 20 bytes
+    record  = u32 payload length | u32 crc32 of payload | payload
+    payload = u8 record type | u16 tablet length | tablet (utf-8)
+              | Arrow IPC stream of the entries (ENTRY_SCHEMA, uncompressed) | u64 sequence number
+
+The sequence number comes last so that the CRC of the large part (the Arrow stream) can be
+computed before the appender takes the log's lock, in parallel with other appenders; only the
+8-byte tail is checksummed under the lock, once the sequence number is known.
+
+Sequence numbers are `generation << 40 | counter` (counter from 1), so they increase across log
+generations as long as generations do (the metadata store hands them out). They fit in a signed
+64-bit integer because generations are below 2**23.
+
+Durability of an acknowledged append: `none` (may still sit in this process's buffer and is lost
+if the process dies), `flush` (handed to the operating system: survives kill -9 of the process,
+not a power loss), `sync` (fdatasync'ed: survives a power loss).
+
+A reader stops at the first record that is torn or corrupt (short length, short payload, bad
+CRC), logging a warning that names the file, offset and fault: a crash can tear only the tail,
+and records after a damaged one cannot be framed reliably anyway.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from lithify.data.key import ENTRY_SCHEMA
+from lithify.errors import ConfigError, CorruptFileError, LithifyError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"LITHWAL\x00"
+FORMAT_VERSION = 1
+
+_HEADER_BODY = struct.Struct("<8sHHQ")
+_HEADER_CRC = struct.Struct("<I")
+HEADER_SIZE = _HEADER_BODY.size + _HEADER_CRC.size
+_FRAME = struct.Struct("<II")
+_PAYLOAD_HEAD = struct.Struct("<BH")
+_SEQ = struct.Struct("<Q")
+#: The smallest payload a writer produces: type, an empty tablet name, no entries, the seq.
+_MIN_PAYLOAD = _PAYLOAD_HEAD.size + _SEQ.size
+
+SEQ_COUNTER_BITS = 40
+MAX_GENERATION = 2**23 - 1
+_MAX_COUNTER = 2**SEQ_COUNTER_BITS - 1
+_MAX_TABLET_KEY = 2**16 - 1
+#: os.writev takes at most IOV_MAX (1024 on Linux) buffers per call.
+_IOV_MAX = 1024
+
+
+class RecordType(enum.IntEnum):
+    """What a record holds. Only entries so far; the byte leaves room for markers (for example
+    'flush started' or 'tablet defined') without a format change."""
+
+    ENTRIES = 1
+
+
+class Durability(enum.IntEnum):
+    """How far an append has got before it is acknowledged; ordered, so `>=` means 'at least'."""
+
+    NONE = 0
+    FLUSH = 1
+    SYNC = 2
+
+    @staticmethod
+    def parse(value: str | Durability) -> Durability:
+        if isinstance(value, Durability):
+            return value
+        try:
+            return Durability[str(value).strip().upper()]
+        except KeyError:
+            raise ConfigError(
+                f"durability {value!r} is not accepted; accepted values: none, flush, sync"
+            ) from None
+
+
+class LogClosedError(LithifyError):
+    """An append to a write-ahead log that was closed (or failed: see the cause)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One replayed record: its sequence number, the tablet it belongs to, and its entries."""
+
+    seq: int
+    tablet: str
+    table: pa.Table
+
+
+@dataclass(frozen=True, slots=True)
+class LogHeader:
+    version: int
+    generation: int
+
+
+def make_seq(generation: int, counter: int) -> int:
+    return generation << SEQ_COUNTER_BITS | counter
+
+
+def seq_generation(seq: int) -> int:
+    return seq >> SEQ_COUNTER_BITS
+
+
+# Looked up at call time so tests can slow it down to observe group commit.
+_fsync = getattr(os, "fdatasync", os.fsync)
+
+
+def _encode_entries(table: pa.Table) -> pa.Buffer:
+    """The entries as an uncompressed Arrow IPC stream.
+
+    Uncompressed because lz4 made encoding about 6x slower for little gain on typical values,
+    and the log is written once and read only after a crash.
+    """
+    if not table.schema.equals(ENTRY_SCHEMA):
+        table = table.cast(ENTRY_SCHEMA)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, ENTRY_SCHEMA) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def _write_all(fd: int, bufs: list) -> int:
+    """Write every buffer in order with as few system calls as possible; returns calls made."""
+    calls = 0
+    i = 0
+    while i < len(bufs):
+        chunk = bufs[i : i + _IOV_MAX]
+        want = sum(memoryview(b).nbytes for b in chunk)
+        done = os.writev(fd, chunk)
+        calls += 1
+        if done < want:
+            # A short write (rare on regular files): finish this chunk one buffer at a time.
+            for b in chunk:
+                mv = memoryview(b).cast("B")
+                if done >= mv.nbytes:
+                    done -= mv.nbytes
+                    continue
+                mv = mv[done:]
+                done = 0
+                while mv.nbytes:
+                    n = os.write(fd, mv)
+                    calls += 1
+                    mv = mv[n:]
+        i += _IOV_MAX
+    return calls
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new file's name durable, so a synced log is not lost with its directory entry."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+class WriteAheadLog:
+    """An append-only log shared by the tablets of one server generation; thread-safe.
+
+    Group commit is leader/follower: an appender puts its framed record on the pending list and,
+    if no write is in progress, becomes the leader and writes everything pending with one
+    `writev` (and one fdatasync if any waiting appender asked for `sync`); appenders that arrive
+    meanwhile wait on a condition and are covered by the next leader's write. A single-threaded
+    appender is always the leader, so it never pays for a hand-off to another thread (a
+    dedicated writer thread measured slower for one appender; see benchmarks/wal.py).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        fd: int,
+        generation: int,
+        durability: Durability,
+        buffer_bytes: int,
+        wait_timeout_s: float,
+    ) -> None:
+        """Use `WriteAheadLog.create`; this wraps an open file whose header is written."""
+        self._path = path
+        self._fd = fd
+        self._generation = generation
+        self._durability = durability
+        self._buffer_bytes = buffer_bytes
+        self._wait_timeout_s = wait_timeout_s
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._counter = 0
+        self._pending: list = []
+        self._pending_bytes = 0
+        self._appended_seq = 0
+        self._written_seq = 0
+        self._synced_seq = 0
+        self._sync_wanted_seq = 0
+        self._writing = False
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._size = HEADER_SIZE
+        self._records = 0
+        self._write_batches = 0
+        self._write_calls = 0
+        self._sync_count = 0
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        generation: int,
+        durability: str | Durability = "flush",
+        *,
+        buffer_bytes: int = 4 << 20,
+        wait_timeout_s: float = 300.0,
+    ) -> WriteAheadLog:
+        """Create a new log file (never an existing one: that would destroy its records).
+
+        `durability` is the default for appends that do not say otherwise. `buffer_bytes` is how
+        much `none` appends may accumulate in the process before they are written out.
+        `wait_timeout_s` bounds how long an append waits for another thread's write or fsync.
+        The header is synced, with the directory, before this returns.
+        """
+        path = Path(path)
+        if not (0 <= generation <= MAX_GENERATION):
+            raise ValueError(f"log generation {generation} is outside [0, {MAX_GENERATION}]")
+        level = Durability.parse(durability)
+        body = _HEADER_BODY.pack(MAGIC, FORMAT_VERSION, 0, generation)
+        header = body + _HEADER_CRC.pack(zlib.crc32(body))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0))
+        try:
+            _write_all(fd, [header])
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        _fsync_dir(path.parent)
+        return cls(path, fd, generation, level, buffer_bytes, wait_timeout_s)
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def durability(self) -> str:
+        return self._durability.name.lower()
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes appended so far, including records still buffered in the process."""
+        return self._size
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the latest append (0 when none yet)."""
+        return make_seq(self._generation, self._counter) if self._counter else 0
+
+    @property
+    def record_count(self) -> int:
+        return self._records
+
+    @property
+    def write_count(self) -> int:
+        """Group-commit batches written (each one `writev` unless a batch exceeds IOV_MAX)."""
+        return self._write_batches
+
+    @property
+    def write_calls(self) -> int:
+        """System calls made to write records."""
+        return self._write_calls
+
+    @property
+    def sync_count(self) -> int:
+        """fdatasync calls made for appends, `sync()` and `close()` (not the header's)."""
+        return self._sync_count
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- appending ----------------------------------------------------------------------------
+
+    def append(
+        self, tablet: str, table: pa.Table, *, durability: str | Durability | None = None
+    ) -> int:
+        """Append one record of `tablet`'s entries; returns its sequence number once durable.
+
+        `durability` overrides the log's default for this append, because durability is a table
+        property while the log is shared by all tables. Acknowledging an append also makes every
+        earlier append at least as durable (records are written in sequence order).
+        """
+        level = self._durability if durability is None else Durability.parse(durability)
+        tablet_bytes = tablet.encode()
+        if len(tablet_bytes) > _MAX_TABLET_KEY:
+            raise ValueError(f"tablet key of {len(tablet_bytes)} bytes is too long for the log")
+        body = _encode_entries(table)
+        head = _PAYLOAD_HEAD.pack(RecordType.ENTRIES, len(tablet_bytes)) + tablet_bytes
+        crc = zlib.crc32(body, zlib.crc32(head))
+        payload_len = len(head) + body.size + _SEQ.size
+        with self._lock:
+            self._check_usable()
+            if self._counter >= _MAX_COUNTER:
+                raise LogClosedError(
+                    f"write-ahead log {self._path} is out of sequence numbers; roll to a new one"
+                )
+            self._counter += 1
+            seq = make_seq(self._generation, self._counter)
+            tail = _SEQ.pack(seq)
+            frame = _FRAME.pack(payload_len, zlib.crc32(tail, crc))
+            self._pending += (frame + head, body, tail)
+            self._pending_bytes += _FRAME.size + payload_len
+            self._appended_seq = seq
+            self._size += _FRAME.size + payload_len
+            self._records += 1
+            if level == Durability.NONE:
+                if self._pending_bytes >= self._buffer_bytes and not self._writing:
+                    self._lead()
+                return seq
+            if level == Durability.SYNC:
+                self._sync_wanted_seq = seq
+            self._await(seq, level)
+            return seq
+
+    def flush(self) -> None:
+        """Hand every appended record to the operating system (no fsync)."""
+        with self._lock:
+            self._check_usable()
+            if self._appended_seq:
+                self._await(self._appended_seq, Durability.FLUSH)
+
+    def sync(self) -> None:
+        """Make every appended record durable on disk."""
+        with self._lock:
+            self._check_usable()
+            target = self._appended_seq
+            if target and self._synced_seq < target:
+                self._sync_wanted_seq = max(self._sync_wanted_seq, target)
+                self._await(target, Durability.SYNC)
+
+    def close(self) -> None:
+        """Write and sync what is buffered, then close the file. Idempotent.
+
+        A log that failed is closed without writing more: its buffer may follow a torn record.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._failed is None:
+                    target = self._appended_seq
+                    if target and self._synced_seq < target:
+                        self._sync_wanted_seq = max(self._sync_wanted_seq, target)
+                        self._await(target, Durability.SYNC)
+                else:
+                    self._wait_idle()
+            finally:
+                self._closed = True
+                self._pending = []
+                self._cond.notify_all()
+                os.close(self._fd)
+
+    def __enter__(self) -> WriteAheadLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"WriteAheadLog({str(self._path)!r}, generation={self._generation})"
+
+    # -- group commit (all called with self._lock held) ----------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise LogClosedError(
+                f"write-ahead log {self._path} failed earlier: {self._failed!r}"
+            ) from self._failed
+        if self._closed:
+            raise LogClosedError(f"write-ahead log {self._path} is closed")
+
+    def _reached(self, seq: int, level: Durability) -> bool:
+        if level == Durability.SYNC:
+            return self._synced_seq >= seq
+        return self._written_seq >= seq
+
+    def _await(self, seq: int, level: Durability) -> None:
+        """Return once `seq` is durable to `level`, leading a write when nobody else is."""
+        deadline = time.monotonic() + self._wait_timeout_s
+        while not self._reached(seq, level):
+            if self._failed is not None:
+                self._check_usable()
+            if not self._writing:
+                self._lead()
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LithifyError(
+                    f"write-ahead log {self._path}: append {seq} not durable after "
+                    f"{self._wait_timeout_s:.0f}s (the disk is stuck?)"
+                )
+            self._cond.wait(remaining)
+
+    def _wait_idle(self) -> None:
+        deadline = time.monotonic() + self._wait_timeout_s
+        while self._writing and time.monotonic() < deadline:
+            self._cond.wait(deadline - time.monotonic())
+
+    def _lead(self) -> None:
+        """Write everything pending (and fsync if a waiting appender needs it) as one batch.
+
+        The lock is released during the I/O so that other appenders can queue the next batch.
+        An I/O error fails the log for good: after a failed write or fsync the file's state is
+        unknown, so nobody may be told that a later record is durable.
+        """
+        bufs, self._pending, self._pending_bytes = self._pending, [], 0
+        last = self._appended_seq
+        do_sync = self._sync_wanted_seq > self._synced_seq
+        self._writing = True
+        self._lock.release()
+        calls = 0
+        error: BaseException | None = None
+        try:
+            if bufs:
+                calls = _write_all(self._fd, bufs)
+            if do_sync:
+                _fsync(self._fd)
+        except BaseException as e:
+            error = e
+        finally:
+            self._lock.acquire()
+            self._writing = False
+            self._cond.notify_all()
+        if error is not None:
+            self._failed = error
+            log.error("write-ahead log %s failed: %r", self._path, error)
+            raise LogClosedError(f"write-ahead log {self._path} failed: {error!r}") from error
+        if bufs:
+            self._written_seq = last
+            self._write_batches += 1
+            self._write_calls += calls
+        if do_sync:
+            self._synced_seq = self._written_seq
+            self._sync_count += 1
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def _parse_header(path: Path, data: bytes) -> LogHeader:
+    if len(data) < HEADER_SIZE:
+        raise CorruptFileError(
+            f"write-ahead log {path}: header is {len(data)} bytes, expected {HEADER_SIZE}"
+        )
+    magic, version, _flags, generation = _HEADER_BODY.unpack_from(data)
+    if magic != MAGIC:
+        raise CorruptFileError(f"write-ahead log {path}: bad magic {magic!r}, not a lithify log")
+    (crc,) = _HEADER_CRC.unpack_from(data, _HEADER_BODY.size)
+    if zlib.crc32(data[: _HEADER_BODY.size]) != crc:
+        raise CorruptFileError(f"write-ahead log {path}: header checksum mismatch")
+    if version != FORMAT_VERSION:
+        raise CorruptFileError(
+            f"write-ahead log {path}: format version {version}, this lithify reads "
+            f"{FORMAT_VERSION}"
+        )
+    return LogHeader(version, generation)
+
+
+def read_log_header(path: str | Path) -> LogHeader:
+    """The header of a log; raises CorruptFileError naming the file when it is bad."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        return _parse_header(path, f.read(HEADER_SIZE))
+
+
+def read_log(path: str | Path) -> Iterator[LogRecord]:
+    """The complete records of a log, in the order written (which is sequence order).
+
+    A torn or corrupt tail ends the replay at the last good record with a warning; a bad header,
+    or a record whose checksum holds but whose contents cannot be decoded (a writer bug or a
+    newer format, not a crash), raises CorruptFileError naming the file.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        header = _parse_header(path, f.read(HEADER_SIZE))
+        offset = HEADER_SIZE
+        while True:
+            frame = f.read(_FRAME.size)
+            if not frame:
+                return
+            fault = None
+            length = 0
+            if len(frame) < _FRAME.size:
+                fault = f"torn record header ({len(frame)} of {_FRAME.size} bytes)"
+            else:
+                length, crc = _FRAME.unpack(frame)
+                available = file_size - offset - _FRAME.size
+                if length < _MIN_PAYLOAD:
+                    fault = f"record length {length} is below the minimum {_MIN_PAYLOAD}"
+                elif length > available:
+                    fault = f"short payload ({max(available, 0)} of {length} bytes)"
+                else:
+                    payload = f.read(length)
+                    if len(payload) < length:
+                        fault = f"short payload ({len(payload)} of {length} bytes)"
+                    elif zlib.crc32(payload) != crc:
+                        fault = "checksum mismatch"
+            if fault is not None:
+                after = max(file_size - offset - _FRAME.size - length, 0)
+                log.warning(
+                    "write-ahead log %s: replay stops at offset %d: %s%s",
+                    path,
+                    offset,
+                    fault,
+                    f" ({after} bytes after the record ignored)" if after else "",
+                )
+                return
+            record = _decode_payload(path, offset, payload)
+            if seq_generation(record.seq) != header.generation:
+                raise CorruptFileError(
+                    f"write-ahead log {path}: record at offset {offset} has sequence number "
+                    f"{record.seq} of generation {seq_generation(record.seq)}, the header says "
+                    f"{header.generation}"
+                )
+            yield record
+            offset += _FRAME.size + length
+
+
+def _decode_payload(path: Path, offset: int, payload: bytes) -> LogRecord:
+    kind, tablet_len = _PAYLOAD_HEAD.unpack_from(payload)
+    if kind != RecordType.ENTRIES:
+        raise CorruptFileError(
+            f"write-ahead log {path}: record at offset {offset} has unknown type {kind}"
+        )
+    start = _PAYLOAD_HEAD.size
+    end = len(payload) - _SEQ.size
+    if start + tablet_len > end:
+        raise CorruptFileError(
+            f"write-ahead log {path}: record at offset {offset} has a tablet key longer than "
+            f"the record"
+        )
+    (seq,) = _SEQ.unpack_from(payload, end)
+    try:
+        tablet = payload[start : start + tablet_len].decode()
+        body = pa.py_buffer(payload)[start + tablet_len : end]
+        table = pa.ipc.open_stream(body).read_all()
+    except (UnicodeDecodeError, pa.ArrowInvalid) as e:
+        raise CorruptFileError(
+            f"write-ahead log {path}: record at offset {offset} cannot be decoded: {e}"
+        ) from None
+    if not table.schema.equals(ENTRY_SCHEMA):
+        raise CorruptFileError(
+            f"write-ahead log {path}: record at offset {offset} has schema {table.schema}, "
+            f"expected the entry schema"
+        )
+    return LogRecord(seq, tablet, table)
