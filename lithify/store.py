@@ -8,6 +8,7 @@ full compactions and the garbage collector.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import logging
 import os
@@ -82,7 +83,7 @@ class Store:
     def __init__(self, path: str | os.PathLike, *, metadata_url: str | None = None) -> None:
         self.path = Path(path).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.path / "LOCK", "a+")  # noqa: SIM115 (held for the lifetime)
+        self._lock_file = builtins.open(self.path / "LOCK", "a+")  # noqa: SIM115 (held for the lifetime)
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -520,7 +521,7 @@ class Store:
         added: list[FileRef] = []
         for src in paths:
             rel = new_file_name("I", info.id)
-            with open(src, "rb") as fin, self.storage.open_output(rel) as fout:
+            with builtins.open(src, "rb") as fin, self.storage.open_output(rel) as fout:
                 while chunk := fin.read(1 << 20):
                     fout.write(chunk)
             try:

@@ -25,7 +25,8 @@ from lithify.files.writer import SortedFileWriter
 from lithify.metadata.store import MetadataStore, TabletMeta
 from lithify.table.properties import Properties
 from lithify.tablet.log_manager import LogManager
-from lithify.tablet.memtable import InMemoryMap, TabletClock
+from lithify.tablet.clock import TabletClock
+from lithify.tablet.memtable import InMemoryMap
 from lithify.tablet.wal import LogRecord
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,335 @@
+"""One compaction: merge input files into one output file under a temporary name.
+
+Internal executors and external compactors both call `run_compaction`; the caller commits by
+renaming the temporary file. A large compaction is split into key-range subcompactions that run
+in parallel threads (as RocksDB's subcompactions do): each merges its range of every input and
+encodes its own part of the output, and the parts are joined into the one output file in key
+order (see `PartitionedFileWriter`). Splits fall on row boundaries so that no column's versions
+span two subcompactions. Each input is read ahead by its own thread so that decoding (which
+releases the GIL) overlaps merging and encoding.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pyarrow as pa
+
+from lithify.compaction.iterators import load_iterators
+from lithify.compaction.merge import merge_sorted
+from lithify.data.key import Key
+from lithify.data.ranges import FileRef, RowRange
+from lithify.errors import CompactionCancelledError
+from lithify.files.naming import tmp_name
+from lithify.files.reader import SortedFileReader
+from lithify.files.storage import Storage
+from lithify.files.writer import (
+    DEFAULT_COMPRESSION,
+    DEFAULT_ROW_GROUP_SIZE,
+    PartitionedFileWriter,
+)
+
+_POLL_S = 0.05
+_READ_AHEAD_BATCHES = 2
+_JOIN_TIMEOUT_S = 30.0
+
+
+class RateLimiter(Protocol):
+    def acquire(self, nbytes: int) -> None: ...
+
+
+@dataclass
+class CompactionRequest:
+    """What to compact. `inputs` are newest first; only rows inside both a file's fence and
+    `extent_range` are read."""
+
+    inputs: list[FileRef]
+    extent_range: RowRange
+    output_path: str
+    tmp_id: str
+    propagate_deletes: bool
+    versions: int | None = 1
+    iterators: Sequence[tuple[str, Mapping[str, str]]] = ()
+    compression: str = DEFAULT_COMPRESSION
+    compression_level: int | None = None
+    subcompactions: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: A compaction smaller than this per subcompaction is not split further.
+    min_subcompaction_entries: int = 250_000
+    batch_size: int = 65536
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionResult:
+    tmp_path: str
+    final_path: str
+    entries_read: int
+    entries_written: int
+    bytes_read: int
+    bytes_written: int
+    first_key: Key | None
+    last_key: Key | None
+
+
+class _Progress:
+    """Entries read/written per subcompaction; summed when reported."""
+
+    def __init__(self, parts: int) -> None:
+        self.read = [0] * parts
+        self.written = [0] * parts
+        self.bytes_read = [0] * parts
+
+    def totals(self) -> tuple[int, int]:
+        return sum(self.read), sum(self.written)
+
+
+_END = object()
+
+
+class _ReadAhead(Iterator[pa.RecordBatch]):
+    """Pulls batches from `source` in a thread, `depth` batches ahead of the consumer."""
+
+    def __init__(
+        self,
+        source: Iterator[pa.RecordBatch],
+        depth: int,
+        stop: threading.Event,
+        on_batch: Callable[[pa.RecordBatch], None],
+    ) -> None:
+        self._q: queue.Queue[object] = queue.Queue(depth)
+        self._stop = stop
+        self._closed = threading.Event()
+        self._source = source
+        self._on_batch = on_batch
+        self._thread = threading.Thread(target=self._run, name="lithify-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _halted(self) -> bool:
+        return self._stop.is_set() or self._closed.is_set()
+
+    def _put(self, item: object) -> bool:
+        while not self._halted():
+            try:
+                self._q.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for batch in self._source:
+                if self._halted():
+                    return
+                self._on_batch(batch)
+                if not self._put(batch):
+                    return
+            self._put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
+            self._put(e)
+
+    def __next__(self) -> pa.RecordBatch:
+        while True:
+            if self._stop.is_set():
+                raise CompactionCancelledError("compaction cancelled")
+            try:
+                item = self._q.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._q.empty():
+                    raise RuntimeError("read-ahead thread ended without a result") from None
+                continue
+            if item is _END:
+                raise StopIteration
+            if isinstance(item, BaseException):
+                raise item
+            return item  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(_JOIN_TIMEOUT_S)
+
+
+def run_compaction(
+    storage: Storage,
+    request: CompactionRequest,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+    rate_limiter: RateLimiter | None = None,
+) -> CompactionResult:
+    """Merge `request.inputs` into ONE file at `tmp_name(output_path, tmp_id)`.
+
+    On error or cancellation (CompactionCancelledError) the temporary file is deleted. Progress
+    is reported from the calling thread about every 50 ms and at the end.
+    """
+    req = request
+    tmp = tmp_name(req.output_path, req.tmp_id)
+    load_iterators(req.iterators)  # fail before any work if an iterator cannot be loaded
+    readers: list[SortedFileReader] = []
+    try:
+        for f in req.inputs:
+            readers.append(SortedFileReader.open(storage, f.path))
+        clips = [f.fence.intersect(req.extent_range) for f in req.inputs]
+        ranges = _split_ranges(readers, clips, req)
+    finally:
+        for r in readers:
+            r.close()
+
+    stop = threading.Event()
+    progress = _Progress(len(ranges))
+    writer = PartitionedFileWriter(
+        storage,
+        tmp,
+        len(ranges),
+        compression=req.compression,
+        compression_level=req.compression_level,
+        row_group_size=req.row_group_size,
+    )
+
+    def run_part(k: int) -> None:
+        _run_subcompaction(storage, req, clips, ranges[k], writer, k, stop, progress, rate_limiter)
+
+    try:
+        with ThreadPoolExecutor(len(ranges), thread_name_prefix="lithify-subcompaction") as pool:
+            futures: list[Future[None]] = [pool.submit(run_part, k) for k in range(len(ranges))]
+            try:
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_EXCEPTION)
+                    if any(f.exception() is not None for f in done):
+                        break
+                    if is_cancelled is not None and is_cancelled():
+                        stop.set()
+                        raise CompactionCancelledError(f"compaction to {tmp} cancelled")
+                    if on_progress is not None:
+                        on_progress(*progress.totals())
+            finally:
+                if any(not f.done() or f.exception() is not None for f in futures):
+                    stop.set()
+            for f in futures:
+                f.result()
+        info = writer.close()
+    except BaseException:
+        stop.set()
+        writer.abort()
+        raise
+    read, written = progress.totals()
+    if on_progress is not None:
+        on_progress(read, written)
+    return CompactionResult(
+        tmp_path=tmp,
+        final_path=req.output_path,
+        entries_read=read,
+        entries_written=written,
+        bytes_read=sum(progress.bytes_read),
+        bytes_written=info.size,
+        first_key=info.first_key,
+        last_key=info.last_key,
+    )
+
+
+def _run_subcompaction(
+    storage: Storage,
+    req: CompactionRequest,
+    clips: list[RowRange],
+    rng: RowRange,
+    writer: PartitionedFileWriter,
+    k: int,
+    stop: threading.Event,
+    progress: _Progress,
+    rate_limiter: RateLimiter | None,
+) -> None:
+    readers: list[SortedFileReader] = []
+    feeds: list[_ReadAhead] = []
+    try:
+        for f, clip in zip(req.inputs, clips, strict=True):
+            part = clip.intersect(rng)
+            if part.is_empty():
+                continue
+            r = SortedFileReader.open(storage, f.path)
+            readers.append(r)
+            per_entry = r.size / max(1, r.entries)
+
+            def count(batch: pa.RecordBatch, per_entry: float = per_entry) -> None:
+                nbytes = int(batch.num_rows * per_entry)
+                progress.bytes_read[k] += nbytes
+                if rate_limiter is not None:
+                    rate_limiter.acquire(nbytes)
+
+            feeds.append(
+                _ReadAhead(
+                    r.batches(part, batch_size=req.batch_size), _READ_AHEAD_BATCHES, stop, count
+                )
+            )
+
+        def report(read: int, written: int) -> None:
+            progress.read[k] = read
+            progress.written[k] = written
+
+        out = writer.part(k)
+        for batch in merge_sorted(
+            feeds,
+            versions=req.versions,
+            propagate_deletes=req.propagate_deletes,
+            batch_size=req.batch_size,
+            iterators=load_iterators(req.iterators),
+            on_progress=report,
+            is_cancelled=stop.is_set,
+        ):
+            before = out.bytes_written
+            out.write(batch)
+            if rate_limiter is not None and out.bytes_written > before:
+                rate_limiter.acquire(out.bytes_written - before)
+    finally:
+        for feed in feeds:
+            feed.close()
+        for r in readers:
+            r.close()
+
+
+def _split_ranges(
+    readers: Sequence[SortedFileReader], clips: Sequence[RowRange], req: CompactionRequest
+) -> list[RowRange]:
+    """Key ranges (split on rows) holding roughly equal numbers of input entries.
+
+    Uses the `row` statistics of the inputs' row groups: each row group counts half its entries
+    at its first row and half at its last, which places boundaries well once there are several
+    row groups per range (small compactions are not split at all).
+    """
+    points: list[tuple[bytes, float]] = []
+    total = 0
+    for r, clip in zip(readers, clips, strict=True):
+        if clip.is_empty():
+            continue
+        for lo, hi, n in r.row_group_stats():
+            if n == 0 or lo is None or hi is None or not clip.overlaps(RowRange.rows(lo, hi)):
+                continue
+            total += n
+            points.append((lo, n / 2))
+            points.append((hi, n / 2))
+    parts = max(1, min(req.subcompactions, total // max(1, req.min_subcompaction_entries)))
+    if parts == 1:
+        return [RowRange()]
+    points.sort()
+    bounds: list[bytes] = []
+    acc = 0.0
+    step = total / parts
+    target = step
+    for row, w in points:
+        acc += w
+        if acc >= target and len(bounds) < parts - 1:
+            if not bounds or row > bounds[-1]:
+                bounds.append(row)
+            target += step
+    ranges = []
+    prev: bytes | None = None
+    for b in [*bounds, None]:
+        ranges.append(RowRange(prev, b, start_inclusive=False, end_inclusive=True))
+        prev = b
+    return ranges

@@ -1,0 +1,274 @@
+"""The one streaming k-way merge, used by scans and compactions alike.
+
+Sources are sorted runs of entries (Arrow record batches in ENTRY_SCHEMA), listed newest first.
+The merge works in rounds so that memory is bounded by about (number of sources x batch_size)
+entries whatever the input size:
+
+1. every source holds one buffer (a window of at most `batch_size` entries);
+2. the cut-off is the smallest "last key" among the buffers: every entry <= cut-off that any
+   source will ever produce is now buffered, because each source is sorted;
+3. the part <= cut-off of every buffer (found by binary search) is merged with one stable sort
+   (ties keep source order, so the newest source's copy of a duplicate comes first), then
+   duplicates, versions and deletes are resolved with vectorised numpy/pyarrow operations;
+4. the state of the last column (its key, puts and deletes seen) carries into the next round,
+   because a column's versions may straddle the cut-off.
+
+Visibility rule: a delete at T hides every version of its column with timestamp <= T; in key
+order a delete comes before everything it hides, so "hidden" is "a delete was seen earlier in
+the column". `versions` keeps the newest puts of each column; `propagate_deletes` keeps the
+newest delete marker of each column (partial compactions must, lest an older file resurface).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lithify.compaction.iterators import CompactionIterator, load_iterators
+from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, sort_tuple
+from lithify.errors import CompactionCancelledError
+
+KeyTuple = tuple[bytes, bytes, bytes, bytes, int, bool]
+
+
+@dataclass(slots=True)
+class _Carry:
+    """What the merge remembers of the last column of the previous round."""
+
+    col: tuple[bytes, bytes, bytes, bytes] | None = None
+    timestamp: int = 0
+    deleted: bool = False
+    deletes: int = 0
+    puts: int = 0
+
+
+class _Source:
+    """One sorted run and its current buffer (the unconsumed part of its latest batch)."""
+
+    __slots__ = ("it", "buf", "done")
+
+    def __init__(self, it: Iterator[pa.RecordBatch]) -> None:
+        self.it = it
+        self.buf: pa.RecordBatch | None = None
+        self.done = False
+
+    def fill(self, check: Callable[[], None]) -> None:
+        """Make `buf` non-empty, or mark the source done."""
+        while not self.done and (self.buf is None or self.buf.num_rows == 0):
+            check()
+            try:
+                b = next(self.it)
+            except StopIteration:
+                self.done = True
+                self.buf = None
+                return
+            if isinstance(b, pa.Table):
+                b = b.combine_chunks().to_batches()[0] if b.num_rows else None
+                if b is None:
+                    continue
+            if b.schema != ENTRY_SCHEMA:
+                b = pa.RecordBatch.from_arrays(b.columns, schema=ENTRY_SCHEMA)
+            self.buf = b
+
+
+def _key(batch: pa.RecordBatch, i: int) -> KeyTuple:
+    c = batch.columns
+    return sort_tuple(
+        c[0][i].as_py(),
+        c[1][i].as_py(),
+        c[2][i].as_py(),
+        c[3][i].as_py(),
+        c[4][i].as_py(),
+        c[5][i].as_py(),
+    )
+
+
+class _KeyView(Sequence[KeyTuple]):
+    """Lazy sequence of a sorted batch's key tuples, for `bisect` (O(log n) keys touched)."""
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return self.batch.num_rows
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        return _key(self.batch, i)
+
+
+def merge_sorted(
+    sources: Sequence[Iterable[pa.RecordBatch]],
+    *,
+    versions: int | None,
+    propagate_deletes: bool,
+    batch_size: int = 65536,
+    iterators: Sequence[CompactionIterator | tuple[str, dict[str, str]]] = (),
+    on_progress: Callable[[int, int], None] | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Merge sorted `sources` (newest first) into key-ordered batches of <= batch_size entries.
+
+    Raises CompactionCancelledError as soon as `is_cancelled()` (asked before every batch read
+    and every round) returns true. `on_progress(entries_read, entries_written)` is called after
+    every round.
+    """
+    if versions is not None and versions < 1:
+        raise ValueError(f"versions must be None or >= 1, got {versions}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    its: list[CompactionIterator] = [
+        it for it in iterators if isinstance(it, CompactionIterator)
+    ] + load_iterators([it for it in iterators if not isinstance(it, CompactionIterator)])
+
+    def check() -> None:
+        if is_cancelled is not None and is_cancelled():
+            raise CompactionCancelledError("merge cancelled")
+
+    srcs = [_Source(iter(s)) for s in sources]
+    carry = _Carry()
+    read = written = 0
+    # A bounded loop: every round consumes at least one entry from some source.
+    while True:
+        for s in srcs:
+            s.fill(check)
+        live = [s for s in srcs if s.buf is not None]
+        if not live:
+            break
+        check()
+        windows = [s.buf if s.buf.num_rows <= batch_size else s.buf.slice(0, batch_size) for s in live]
+        lasts = [_key(w, w.num_rows - 1) for w in windows]
+        cutoff = min(lasts)
+        parts: list[pa.RecordBatch] = []
+        for s, w, last in zip(live, windows, lasts, strict=True):
+            if last <= cutoff:
+                cut = w.num_rows
+            elif _key(w, 0) > cutoff:
+                continue
+            else:
+                cut = bisect.bisect_right(_KeyView(w), cutoff)
+            parts.append(w if cut == w.num_rows else w.slice(0, cut))
+            assert s.buf is not None
+            s.buf = s.buf.slice(cut) if cut < s.buf.num_rows else None
+        n_in = sum(p.num_rows for p in parts)
+        read += n_in
+        out = _merge_round(parts, versions, propagate_deletes, carry)
+        for it in its:
+            if out.num_rows:
+                out = it.apply(out)
+        written += out.num_rows
+        for start in range(0, out.num_rows, batch_size):
+            yield out.slice(start, batch_size) if out.num_rows > batch_size else out
+        if on_progress is not None:
+            on_progress(read, written)
+
+
+def _merge_round(
+    parts: list[pa.RecordBatch], versions: int | None, propagate: bool, carry: _Carry
+) -> pa.RecordBatch:
+    """Sort the parts (each sorted) into key order and resolve duplicates/versions/deletes."""
+    if len(parts) == 1:
+        idx = None
+        cols = parts[0].columns
+    else:
+        table = pa.Table.from_batches(parts, schema=ENTRY_SCHEMA)
+        idx = pc.sort_indices(table, sort_keys=SORT_KEYS)
+        cols = [_gather(table.column(i), idx) for i in range(6)] + [table.column(6)]
+    keep = _resolve(cols, versions, propagate, carry)
+    if keep is None:
+        value = cols[6] if idx is None else _gather(cols[6], idx)
+        return pa.RecordBatch.from_arrays([*cols[:6], value], schema=ENTRY_SCHEMA)
+    sel = pa.array(np.flatnonzero(keep))
+    out = [c.take(sel) for c in cols[:6]]
+    value = cols[6].take(sel) if idx is None else _gather(cols[6], idx.take(sel))
+    return pa.RecordBatch.from_arrays([*out, value], schema=ENTRY_SCHEMA)
+
+
+def _gather(col: pa.ChunkedArray | pa.Array, idx: pa.Array) -> pa.Array:
+    """`col[idx]` as one contiguous array."""
+    if isinstance(col, pa.ChunkedArray):
+        if col.num_chunks == 1:
+            return col.chunk(0).take(idx)
+        out = col.take(idx)
+        return out.combine_chunks() if isinstance(out, pa.ChunkedArray) else out
+    return col.take(idx)
+
+
+def _bool_np(a: pa.Array) -> np.ndarray:
+    return a.to_numpy(zero_copy_only=False)
+
+
+def _resolve(
+    cols: list[pa.Array], versions: int | None, propagate: bool, carry: _Carry
+) -> np.ndarray | None:
+    """Mask of entries to keep (None: keep all), for key-ordered `cols`; updates `carry`."""
+    n = len(cols[0])
+    key_cols = cols[:4]
+    ts = cols[4].to_numpy()
+    dl = _bool_np(cols[5])
+    same_col = np.zeros(n, dtype=bool)
+    if n > 1:
+        eq = None
+        for c in key_cols:
+            e = pc.equal(c.slice(1), c.slice(0, n - 1))
+            eq = e if eq is None else pc.and_(eq, e)
+        same_col[1:] = _bool_np(eq)
+    first_col = tuple(c[0].as_py() for c in key_cols)
+    continuing = carry.col is not None and first_col == carry.col
+    same_col[0] = continuing
+    same_key = same_col.copy()
+    if n > 1:
+        same_key[1:] &= (ts[1:] == ts[:-1]) & (dl[1:] == dl[:-1])
+    if continuing:
+        same_key[0] = bool(ts[0] == carry.timestamp and dl[0] == carry.deleted)
+    live = ~same_key
+    is_del = live & dl
+    is_put = live & ~dl
+    new_group = ~same_col
+
+    def before_in_group(flags: np.ndarray, carried: int) -> np.ndarray:
+        excl = np.cumsum(flags, dtype=np.int64) - flags
+        base = np.maximum.accumulate(np.where(new_group, excl, 0))
+        out = excl - base
+        if continuing and carried:
+            first_new = int(np.argmax(new_group)) if new_group.any() else n
+            out[:first_new] += carried
+        return out
+
+    del_before = before_in_group(is_del, carry.deletes)
+    put_rank = before_in_group(is_put, carry.puts)
+    keep = is_put & (del_before == 0)
+    if versions is not None:
+        keep &= put_rank < versions
+    if propagate:
+        keep |= is_del & (del_before == 0)
+
+    carry.col = tuple(c[n - 1].as_py() for c in key_cols)  # type: ignore[assignment]
+    carry.timestamp = int(ts[-1])
+    carry.deleted = bool(dl[-1])
+    carry.deletes = int(del_before[-1] + is_del[-1])
+    carry.puts = int(put_rank[-1] + is_put[-1])
+    if keep.all():
+        return None
+    return keep
+
+
+def merged_table(
+    sources: Sequence[Iterable[pa.RecordBatch]],
+    *,
+    versions: int | None,
+    propagate_deletes: bool,
+    **kwargs: object,
+) -> pa.Table:
+    """All of `merge_sorted`'s output as one table (small inputs: tests, tools)."""
+    batches = list(
+        merge_sorted(sources, versions=versions, propagate_deletes=propagate_deletes, **kwargs)  # type: ignore[arg-type]
+    )
+    return pa.Table.from_batches(batches, schema=ENTRY_SCHEMA)
+
+
+__all__ = ["merge_sorted", "merged_table", "COLUMN_FIELDS"]
