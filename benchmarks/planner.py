@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         ("repeats", f"{args.repeats}"),
         ("jobs per repeat", f"{result['jobs_per_repeat']:,}"),
         ("us per plan (median)", f"{us:.1f}"),
-        ("us per plan (min..max)", f"{result['us_per_plan_min']:.1f}..{result['us_per_plan_max']:.1f}"),
+        (
+            "us per plan (min..max)",
+            f"{result['us_per_plan_min']:.1f}..{result['us_per_plan_max']:.1f}",
+        ),
         ("target us per plan", f"< {TARGET_US:.0f} ({verdict})"),
     ]
     width = max(len(k) for k, _ in rows)

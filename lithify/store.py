@@ -13,8 +13,7 @@ import fcntl
 import logging
 import os
 import threading
-import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +21,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lithify.compaction.compactor_job import CompactionRequest, run_compaction
+from lithify.compaction.manager import CompactionManager
 from lithify.compaction.merge import merge_sorted
+from lithify.compaction.spi import CompactionKind
 from lithify.data.key import ENTRY_SCHEMA, Key
 from lithify.data.mutation import Mutation, mutations_to_table, validate_entries
 from lithify.data.ranges import FULL_RANGE, Extent, FileRef, RowRange
 from lithify.errors import (
+    CompactionCancelledError,
     InvalidMutationError,
     LithifyError,
-    TableNotFoundError,
     TableOfflineError,
 )
 from lithify.files.bulk import validate_import_file
 from lithify.files.in_use import FilesInUse
-from lithify.files.naming import new_file_name, tmp_name
+from lithify.files.naming import new_file_name
 from lithify.files.storage import Storage
 from lithify.gc import collect_garbage
 from lithify.metadata.store import MetadataStore, TableInfo, TabletMeta
@@ -48,9 +48,9 @@ from lithify.table.properties import (
     validate_system_property,
     validate_table_property,
 )
-from lithify.tablet import reservation
+from lithify.tablet.compactions import CompactionDriver
 from lithify.tablet.log_manager import LogManager
-from lithify.tablet.tablet import Tablet, TabletContext, newest_first
+from lithify.tablet.tablet import Tablet, TabletContext
 from lithify.tablet.wal import read_log
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,25 @@ class Store:
         self._flusher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="minc")
         self._pending_flush: dict[Extent, Future] = {}
         self._memory_cv = threading.Condition(self._lock)
+        self.compactions = CompactionDriver(
+            storage=self.storage,
+            in_use=self.in_use,
+            table_props=self.table_properties,
+            tablet=self._tablet_at,
+            extents=self._all_extents,
+            on_committed=self._files_changed,
+        )
         self._load_all()
+        self.manager = CompactionManager(
+            self.compactions,
+            self._sys_props.explicit(),
+            scan_files_open_max=self._sys_props.get_int("tserver.scan.files.open.max"),
+        )
+        self.compactions.manager = self.manager
+        self.manager.start_periodic(
+            lambda: self._sys_props.get_duration("tserver.compaction.major.delay")
+        )
+        self.manager.plan_all()
 
     # -- hosting ------------------------------------------------------------------------------
 
@@ -146,7 +164,9 @@ class Store:
         for path in paths:
             users = [tb for tb in tablets if path in tb.meta.logs]
             if not os.path.exists(path):
-                log.warning("write-ahead log %s referenced by %d tablet(s) is missing", path, len(users))
+                log.warning(
+                    "write-ahead log %s referenced by %d tablet(s) is missing", path, len(users)
+                )
                 continue
             records = list(read_log(path))
             for tb in users:
@@ -177,7 +197,22 @@ class Store:
         return tablets
 
     def _files_changed(self, extent: Extent) -> None:
-        """Hook for planning after a flush, import or commit (the planner arrives in issue 3)."""
+        """Plan the tablet again after a flush, bulk import or compaction commit."""
+        manager = getattr(self, "manager", None)
+        if manager is not None and not self._closed:
+            manager.plan(extent)
+
+    def _tablet_at(self, extent: object) -> Tablet | None:
+        if not isinstance(extent, Extent):
+            return None
+        with self._lock:
+            for tb in self._tablets.get(extent.table_id, ()):
+                if tb.extent == extent:
+                    return tb
+        return None
+
+    def _all_extents(self) -> list[Extent]:
+        return [tb.extent for tbs in self._all_tablet_lists() for tb in tbs]
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -207,9 +242,20 @@ class Store:
         info = self.meta.get_table(table)
         return dict(self.table_properties(info.id))
 
-    def set_system_property(self, name: str, value: str) -> None:
-        self.meta.set_system_properties({name: validate_system_property(name, value)})
+    def set_system_property(self, name: str, value: str | None) -> None:
+        """Set (or with None unset) a system property; compaction services change at once.
+
+        The whole resulting configuration is validated first, so a bad value is rejected with
+        a message naming the property and nothing is applied.
+        """
+        changes = {name: None if value is None else validate_system_property(name, value)}
+        current = self.meta.get_system_properties()
+        proposed = {k: v for k, v in {**current, **changes}.items() if v is not None}
+        CompactionManager.validate(proposed)
+        self.meta.set_system_properties(changes)
         self._sys_props = system_properties(self.meta.get_system_properties())
+        self.manager.reconfigure(self._sys_props.explicit())
+        self.manager.plan_all()
 
     def system_properties(self) -> Properties:
         return self._sys_props
@@ -352,7 +398,9 @@ class Store:
         try:
             return tb.flush()
         except Exception:
-            log.exception("flush of %s failed; its entries stay in memory and in the log", tb.extent)
+            log.exception(
+                "flush of %s failed; its entries stay in memory and in the log", tb.extent
+            )
             raise
         finally:
             with self._memory_cv:
@@ -428,12 +476,18 @@ class Store:
         end: bytes | str | None = None,
         *,
         flush: bool = True,
+        wait: bool = True,
+        timeout: float | None = None,
         iterators: Sequence[tuple[str, dict[str, str]]] = (),
+        hints: dict[str, str] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> CompactionSummary:
-        """Compact every tablet overlapping [start, end] into one file each, now.
+        """A user compaction: every tablet overlapping [start, end] ends as one file.
 
-        A tablet with a single file is rewritten too (its deletes are dropped and the
-        compaction iterators applied), as a user compaction must.
+        A tablet with a single file is rewritten too (its deletes dropped and the compaction
+        iterators applied). The work runs on the service the table's dispatcher chooses for
+        USER compactions (`hints`, e.g. `{"compaction_type": "big"}`, guide it). With
+        `wait=False` it returns at once; `cancel_compaction` stops it.
         """
         info = self.meta.get_table(table)
         rng = RowRange.rows(_b(start), _b(end))
@@ -441,72 +495,26 @@ class Store:
         if flush:
             for tb in tablets:
                 tb.flush()
-        totals = [0, 0, 0, 0, 0]
-        for tb in tablets:
-            result = self.compact_tablet(tb, tb.files, iterators=iterators)
-            if result is not None:
-                totals[0] += 1
-                for i, v in enumerate(result, start=1):
-                    totals[i] += v
-        return CompactionSummary(*totals)
-
-    def compact_tablet(
-        self,
-        tb: Tablet,
-        files: Sequence[FileRef],
-        *,
-        iterators: Sequence[tuple[str, dict[str, str]]] = (),
-        kind: str = "USER",
-    ) -> tuple[int, int, int, int] | None:
-        """Reserve `files`, merge them into one, commit; returns (files, read, written, bytes)."""
-        if not files:
-            return None
-        cid = uuid.uuid4().hex[:16]
-        props = self.table_properties(tb.extent.table_id)
-        full = reservation.may_drop_deletes(tb.meta, files)
-        output = new_file_name("A" if full else "C", tb.extent.table_id)
-        record = {
-            "kind": kind,
-            "tmp_path": tmp_name(output, cid),
-            "output_path": output,
-            "propagate_deletes": not full,
-            "executor": "direct",
-        }
-        tb.mutate(lambda m: reservation.reserve(m, cid, files, record))
-        try:
-            with self.in_use.using([*(f.path for f in files), output, record["tmp_path"]]):
-                result = run_compaction(
-                    self.storage,
-                    CompactionRequest(
-                        inputs=newest_first(files),
-                        extent_range=tb.extent.range,
-                        output_path=output,
-                        tmp_id=cid,
-                        propagate_deletes=not full,
-                        versions=props.get_int("table.versions"),
-                        iterators=[*iterator_specs(props, "majc"), *iterators],
-                        compression=props["table.file.compress.type"],
-                    ),
-                )
-                out_ref = None
-                if result.entries_written:
-                    self.storage.rename(result.tmp_path, output)
-                    out_ref = FileRef(output, result.bytes_written, result.entries_written)
-                else:
-                    self.storage.delete(result.tmp_path)
-                tb.mutate(lambda m: reservation.commit(m, cid, out_ref))
-        except BaseException:
-            tb.mutate(lambda m: reservation.release(m, cid))
-            raise
-        log.info(
-            "Compacted %s for %s created %s from %s",
-            tb.extent,
-            kind,
-            output if out_ref else "(empty)",
-            [f.path.rsplit("/", 1)[-1] for f in files],
+        uc = self.compactions.start_user(info.id, tablets, iterators=iterators, hints=hints)
+        if wait and not self.compactions.wait_user(uc, timeout, progress):
+            if uc.cancelled:
+                raise CompactionCancelledError(f"user compaction {uc.id} of {table} was cancelled")
+            raise LithifyError(f"user compaction {uc.id} of {table} did not finish in {timeout}s")
+        return CompactionSummary(
+            uc.total, uc.files_in, uc.entries_read, uc.entries_written, uc.bytes_written
         )
-        self._files_changed(tb.extent)
-        return len(files), result.entries_read, result.entries_written, result.bytes_written
+
+    def cancel_compaction(self, table: str) -> int:
+        """Cancel the table's pending user compaction; returns how many were cancelled."""
+        info = self.meta.get_table(table)
+        return self.compactions.cancel_user(self._hosted(info))
+
+    def compact_files(self, table: str, extent: Extent, files: Sequence[FileRef]) -> None:
+        """Compact chosen files of one tablet now, in this thread (tests and tools)."""
+        tb = self._tablet_at(extent)
+        if tb is None:
+            raise LithifyError(f"tablet {extent} is not hosted")
+        self.compactions.compact(tb, files, kind=CompactionKind.SYSTEM, executor="direct")
 
     # -- bulk import --------------------------------------------------------------------------
 
@@ -557,6 +565,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self.manager.shutdown(wait=True)
         self._flusher.shutdown(wait=True)
         self.logs.close()
         self.meta.close()
@@ -605,7 +614,9 @@ def _filter(
         for fam, qual in columns:
             m = pc.equal(batch.column("family"), pa.scalar(_b(fam), pa.binary()))
             if qual is not None:
-                m = pc.and_(m, pc.equal(batch.column("qualifier"), pa.scalar(_b(qual), pa.binary())))
+                m = pc.and_(
+                    m, pc.equal(batch.column("qualifier"), pa.scalar(_b(qual), pa.binary()))
+                )
             mask = m if mask is None else pc.or_(mask, m)
     if min_ts is not None:
         m = pc.greater_equal(batch.column("timestamp"), min_ts)

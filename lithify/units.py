@@ -22,9 +22,7 @@ def parse_size(text: str, *, property_name: str) -> int:
     Surrounding whitespace is ignored and suffixes are case-insensitive (`16m` == `16M`).
     """
     if not isinstance(text, str):
-        raise ConfigError(
-            f"{property_name}: expected a size such as '16M' or '4096', got {text!r}"
-        )
+        raise ConfigError(f"{property_name}: expected a size such as '16M' or '4096', got {text!r}")
     match = _SIZE_RE.fullmatch(text.strip())
     if match is None:
         raise ConfigError(

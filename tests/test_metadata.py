@@ -366,9 +366,7 @@ def test_two_processes_lose_nothing(store: MetadataStore, metadata_url: str) -> 
     t = store.create_table("t", {}, [])
     extent = store.tablets(t.id)[0].extent
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     start_at = str(time.time() + 2.0)  # both start appending at the same moment
     procs = [
         subprocess.Popen(

@@ -117,11 +117,7 @@ def _check_plan(case: Mapping[str, Any]) -> None:
         for want in expected:
             want_files = sorted(want["files"])
             match = next(
-                (
-                    g
-                    for g in unmatched
-                    if g[0] == want_files and want["executor"] in (None, g[1])
-                ),
+                (g for g in unmatched if g[0] == want_files and want["executor"] in (None, g[1])),
                 None,
             )
             assert match is not None, f"expected job {want} not in {got}"

@@ -209,7 +209,10 @@ def test_several_jobs_when_sets_are_full() -> None:
 
 def test_system_cap_is_the_largest_executors_max_size() -> None:
     capped = json.dumps(
-        [{"name": "small", "maxSize": "32M", "numThreads": 1}, {"name": "top", "maxSize": "64M", "numThreads": 1}]
+        [
+            {"name": "small", "maxSize": "32M", "numThreads": 1},
+            {"name": "top", "maxSize": "64M", "numThreads": 1},
+        ]
     )
     files = [f(f"f{i}", 20 * M) for i in range(5)]
     jobs = plan(planner(executors=capped), SYSTEM, files)
@@ -310,9 +313,7 @@ def test_rescue_conditions() -> None:
 def test_rescue_must_beat_lowest_ratio() -> None:
     files = doubling(10)  # every prefix of the 10 needs just under 2
     best = (2**10 - 1) / 2**9
-    jobs = plan(
-        planner(lowestRatio=str(best - 0.001)), SYSTEM, files, ratio=3.0, table_file_max=5
-    )
+    jobs = plan(planner(lowestRatio=str(best - 0.001)), SYSTEM, files, ratio=3.0, table_file_max=5)
     assert [len(j.files) for j in jobs] == [10]
     jobs = plan(planner(lowestRatio=str(best)), SYSTEM, files, ratio=3.0, table_file_max=5)
     assert jobs == []

@@ -40,7 +40,11 @@ def test_write_scan_flush_compact(store):
     store.compact("t")
     assert [len(t.files) for t in store.tablets("t")] == [1, 1]
     assert rows_of(store, "t") == sorted([*expect, (b"c", b"q", b"vc")])
-    assert rows_of(store, "t", "b", "n") == [(b"b", b"q", b"vb"), (b"c", b"q", b"vc"), (b"n", b"q", b"vn")]
+    assert rows_of(store, "t", "b", "n") == [
+        (b"b", b"q", b"vb"),
+        (b"c", b"q", b"vc"),
+        (b"n", b"q", b"vn"),
+    ]
 
 
 def test_versions_and_deletes(store):

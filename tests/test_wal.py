@@ -276,9 +276,9 @@ def test_group_commit_batches_writes(tmp_path: Path, monkeypatch: pytest.MonkeyP
         time.sleep(0.01)
         return real_write_all(fd, bufs)
 
-    monkeypatch.setattr(wal_mod, "_write_all", slow_write_all)
     path = tmp_path / "a.wal"
     with WriteAheadLog.create(path, 1, "flush") as wal:
+        monkeypatch.setattr(wal_mod, "_write_all", slow_write_all)
         seqs = _append_concurrently(wal, threads=12, per_thread=5)
         assert wal.write_count == len(batch_sizes) < 30
         assert max(batch_sizes) > 1

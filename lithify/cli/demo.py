@@ -27,7 +27,7 @@ BATCH = 50_000
 def make_rows(n: int, seed: int) -> pa.Array:
     """n distinct random rows, 16 hex digits each."""
     rng = np.random.default_rng(seed)
-    keys = np.unique(rng.integers(0, 2**63, size=int(n * 1.01) + 16, dtype=np.int64))[:n]
+    keys = np.unique(rng.integers(0, 2**64 - 1, size=int(n * 1.01) + 16, dtype=np.uint64))[:n]
     rng.shuffle(keys)
     return pa.array([f"{k:016x}".encode() for k in keys.tolist()], pa.binary())
 
@@ -46,7 +46,13 @@ def batch_of(rows: pa.Array) -> pa.Table:
 
 
 @click.command("demo")
-@click.option("--dir", "directory", default="lithify-demo", show_default=True, help="Store directory (replaced).")
+@click.option(
+    "--dir",
+    "directory",
+    default="lithify-demo",
+    show_default=True,
+    help="Store directory (replaced).",
+)
 @click.option("--entries", default=2_000_000, show_default=True, help="Entries to ingest.")
 @click.option("--tablets", default=8, show_default=True, help="Tablets of the demo table.")
 @click.option("--seed", default=7, show_default=True)
@@ -62,7 +68,10 @@ def demo(directory: str, entries: int, tablets: int, seed: int) -> None:
         store.create_table("demo", splits=points)
         t0 = time.perf_counter()
         progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
             console=console,
         )
         with progress:
@@ -98,7 +107,9 @@ def demo(directory: str, entries: int, tablets: int, seed: int) -> None:
             pc.all(
                 pc.equal(
                     b.column("value"),
-                    pc.binary_join_element_wise(b.column("row"), pa.scalar(b":v", pa.binary()), b""),
+                    pc.binary_join_element_wise(
+                        b.column("row"), pa.scalar(b":v", pa.binary()), b""
+                    ),
                 )
             ).as_py()
             for b in store.scan("demo")
@@ -106,9 +117,11 @@ def demo(directory: str, entries: int, tablets: int, seed: int) -> None:
         scan_s = time.perf_counter() - t3
         expected = pc.sort_indices(rows.slice(entries // 100))
         expected_rows = rows.slice(entries // 100).take(expected)
-        rows_ok = len(scanned) == len(expected_rows) and pc.all(
-            pc.equal(scanned, expected_rows)
-        ).as_py() if len(scanned) else len(expected_rows) == 0
+        rows_ok = (
+            len(scanned) == len(expected_rows) and pc.all(pc.equal(scanned, expected_rows)).as_py()
+            if len(scanned)
+            else len(expected_rows) == 0
+        )
 
         table = Table(title="files per tablet after compaction")
         table.add_column("tablet")
@@ -125,8 +138,10 @@ def demo(directory: str, entries: int, tablets: int, seed: int) -> None:
         )
         store.gc()
     if rows_ok and values_ok:
-        console.print(f"[green]verified: {len(scanned):,} entries, every row and value as written, "
-                      f"{entries // 100:,} deletes applied[/green]")
+        console.print(
+            f"[green]verified: {len(scanned):,} entries, every row and value as written, "
+            f"{entries // 100:,} deletes applied[/green]"
+        )
     else:
         console.print(f"[red]VERIFY FAILED: rows_ok={rows_ok} values_ok={values_ok}[/red]")
         raise SystemExit(1)

@@ -103,7 +103,9 @@ def insert(
     timestamp: int | None,
 ) -> None:
     """Insert one entry."""
-    m = Mutation(row.encode()).put(family, qualifier, value, visibility=visibility, timestamp=timestamp)
+    m = Mutation(row.encode()).put(
+        family, qualifier, value, visibility=visibility, timestamp=timestamp
+    )
     store.write(table, [m])
 
 

@@ -22,6 +22,7 @@ from lithify.errors import ConfigError
 
 __all__ = [
     "COMPACTION_TYPE_HINT",
+    "CompactionDispatcher",
     "DISPATCHER_OPTS_PREFIX",
     "DISPATCHER_PROPERTY",
     "SimpleCompactionDispatcher",

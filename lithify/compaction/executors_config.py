@@ -108,7 +108,9 @@ def _parse_executor(service: str, prop: str, index: int, raw: Any) -> ExecutorSp
         elif isinstance(value, str):
             max_size = parse_size(value, property_name=f"{where}: field 'maxSize'")
         else:
-            raise ConfigError(f"{where}: field 'maxSize' must be a size such as '32M', got {value!r}")
+            raise ConfigError(
+                f"{where}: field 'maxSize' must be a size such as '32M', got {value!r}"
+            )
         if max_size <= 0:
             raise ConfigError(f"{where}: field 'maxSize' must be greater than 0, got {value!r}")
 

@@ -241,7 +241,9 @@ class CompactionManager:
                     if f.uri not in view.reserved and f.uri not in selected
                 ]
             else:
-                cands = [f for f in view.all_files if f.uri in selected and f.uri not in view.reserved]
+                cands = [
+                    f for f in view.all_files if f.uri in selected and f.uri not in view.reserved
+                ]
             params = PlanningParameters(
                 kind=kind,
                 ratio=float(props.get("table.compaction.major.ratio", "3")),

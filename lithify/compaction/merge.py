@@ -140,7 +140,9 @@ def merge_sorted(
         if not live:
             break
         check()
-        windows = [s.buf if s.buf.num_rows <= batch_size else s.buf.slice(0, batch_size) for s in live]
+        windows = [
+            s.buf if s.buf.num_rows <= batch_size else s.buf.slice(0, batch_size) for s in live
+        ]
         lasts = [_key(w, w.num_rows - 1) for w in windows]
         cutoff = min(lasts)
         parts: list[pa.RecordBatch] = []

@@ -25,6 +25,7 @@ from lithify.compaction.executors_config import (
     DEFAULT_LOWEST_RATIO,
     DEFAULT_MAX_OPEN,
     ExecutorSpec,
+    PlannerOptions,
     parse_planner_options,
 )
 from lithify.compaction.priority import job_priority
@@ -198,20 +199,14 @@ class DefaultCompactionPlanner(CompactionPlanner):
 
     def __init__(self) -> None:
         self._service = ""
-        self._executors: tuple[ExecutorSpec, ...] = ()
-        self._max_open = DEFAULT_MAX_OPEN
-        self._lowest_ratio = DEFAULT_LOWEST_RATIO
-        self._system_cap: int | None = None
+        self._options: PlannerOptions | None = None
 
     def init(self, service: str, options: Mapping[str, str]) -> None:
         default_executors = DEFAULT_EXECUTORS_JSON if service == "default" else None
         parsed = parse_planner_options(service, options, default_executors=default_executors)
         self._service = service
-        self._executors = parsed.executors
-        self._max_open = parsed.max_open
-        self._lowest_ratio = parsed.lowest_ratio
-        # SYSTEM jobs never exceed what the largest executor is meant to take.
-        self._system_cap = parsed.executors[-1].max_size
+        # One assignment, so a plan made while init runs sees either the old or the new options.
+        self._options = parsed
 
     @property
     def service(self) -> str:
@@ -220,26 +215,29 @@ class DefaultCompactionPlanner(CompactionPlanner):
     @property
     def executors(self) -> tuple[ExecutorSpec, ...]:
         """The executors, in ascending `max_size` order (the unbounded one last)."""
-        return self._executors
+        return self._options.executors if self._options else ()
 
     @property
     def max_open(self) -> int:
-        return self._max_open
+        return self._options.max_open if self._options else DEFAULT_MAX_OPEN
 
     @property
     def lowest_ratio(self) -> float:
-        return self._lowest_ratio
+        return self._options.lowest_ratio if self._options else DEFAULT_LOWEST_RATIO
 
     def make_plan(self, params: PlanningParameters) -> CompactionPlan:
-        if not self._executors:
+        options = self._options
+        if options is None:
             raise RuntimeError("DefaultCompactionPlanner.make_plan called before init")
         candidates = params.candidates
         if not candidates:
             return _EMPTY_PLAN
         kind = params.kind
         ratio = params.ratio
-        max_open = self._max_open
-        cap = self._system_cap if kind == _SYSTEM else None
+        max_open = options.max_open
+        executors = options.executors
+        # SYSTEM jobs never exceed what the largest executor is meant to take; USER has no cap.
+        cap = executors[-1].max_size if kind == _SYSTEM else None
 
         ordered = sorted(candidates, key=_SIZE_URI)
         # The pool: parallel lists of sizes and files, ascending; None marks a projected file
@@ -277,7 +275,7 @@ class DefaultCompactionPlanner(CompactionPlanner):
 
         if kind == _USER:
             if len(found) == 1:
-                found = self._look_ahead(found[0], ordered, ratio, max_open)
+                found = _look_ahead(found[0], ordered, ratio, max_open)
             elif not found and not any(r.kind == _USER for r in params.running):
                 found = _forced_sets(ordered, max_open)
         elif (
@@ -286,44 +284,48 @@ class DefaultCompactionPlanner(CompactionPlanner):
             and len(params.all_files) == len(ordered)
             and len(ordered) > params.effective_table_file_max
         ):
-            rescued = _lower_ratio_rescue(ordered, max_open, cap, self._lowest_ratio)
+            rescued = _lower_ratio_rescue(ordered, max_open, cap, options.lowest_ratio)
             if rescued is not None:
                 found = [rescued]
 
         if not found:
             return _EMPTY_PLAN
-        return CompactionPlan(tuple(self._job(files, params) for files in found))
+        return CompactionPlan(tuple(_job(files, params, executors) for files in found))
 
-    def _look_ahead(
-        self,
-        job: list[CompactableFile],
-        ordered: list[CompactableFile],
-        ratio: float,
-        max_open: int,
-    ) -> list[list[CompactableFile]]:
-        """USER: compact everything now if the pass after `job` would not meet the ratio.
 
-        A user compaction must end in one file; if compacting `job` leaves a set that no longer
-        meets the ratio, the next pass would rewrite `job`'s output anyway, so do it all at once.
-        Only when everything fits in one job (Fix 1).
-        """
-        if not len(job) < len(ordered) <= max_open:
-            return [job]
-        in_job = {id(f) for f in job}
-        rest = [f.size for f in ordered if id(f) not in in_job]
-        output = sum(f.size for f in job)
-        rest.insert(bisect_right(rest, output), output)
-        start, end = _search(rest, [0, *accumulate(rest)], ratio, max_open, None)
-        if start == end:
-            return [ordered]
+def _look_ahead(
+    job: list[CompactableFile],
+    ordered: list[CompactableFile],
+    ratio: float,
+    max_open: int,
+) -> list[list[CompactableFile]]:
+    """USER: compact everything now if the pass after `job` would not meet the ratio.
+
+    A user compaction must end in one file; if compacting `job` leaves a set that no longer
+    meets the ratio, the next pass would rewrite `job`'s output anyway, so do it all at once.
+    Only when everything fits in one job (Fix 1).
+    """
+    if not len(job) < len(ordered) <= max_open:
         return [job]
+    in_job = {id(f) for f in job}
+    rest = [f.size for f in ordered if id(f) not in in_job]
+    output = sum(f.size for f in job)
+    rest.insert(bisect_right(rest, output), output)
+    start, end = _search(rest, [0, *accumulate(rest)], ratio, max_open, None)
+    if start == end:
+        return [ordered]
+    return [job]
 
-    def _job(self, files: list[CompactableFile], params: PlanningParameters) -> CompactionJob:
-        total = 0
-        for f in files:
-            total += f.size
-        executor = choose_executor(self._executors, total)
-        priority = job_priority(
-            params.kind, len(params.all_files), len(files), params.effective_table_file_max
-        )
-        return CompactionJob(tuple(files), executor.executor_id, priority, params.kind)
+
+def _job(
+    files: list[CompactableFile], params: PlanningParameters, executors: Sequence[ExecutorSpec]
+) -> CompactionJob:
+    """Wrap a chosen set of files as a job: executor by total size, priority by PLANNER.md."""
+    total = 0
+    for f in files:
+        total += f.size
+    executor = choose_executor(executors, total)
+    priority = job_priority(
+        params.kind, len(params.all_files), len(files), params.effective_table_file_max
+    )
+    return CompactionJob(tuple(files), executor.executor_id, priority, params.kind)

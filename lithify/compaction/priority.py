@@ -52,7 +52,9 @@ def system_priority(total_files: int, job_files: int, table_file_max: int) -> in
     return _clamp(SYSTEM_MIN + total_files + job_files, SYSTEM_MIN, SYSTEM_MAX)
 
 
-def job_priority(kind: CompactionKind, total_files: int, job_files: int, table_file_max: int) -> int:
+def job_priority(
+    kind: CompactionKind, total_files: int, job_files: int, table_file_max: int
+) -> int:
     """The priority of a job of `kind` merging `job_files` of a tablet's `total_files` files."""
     if kind == CompactionKind.USER:
         return user_priority(total_files, job_files)

@@ -26,6 +26,7 @@ __all__ = [
     "RunningCompaction",
 ]
 
+
 @dataclass(frozen=True, slots=True, eq=False)
 class CompactableFile:
     """A file of a tablet as the planner sees it: its identity and estimated size.

@@ -37,7 +37,8 @@ class RowRange:
         ):
             return False
         return not (
-            self.end is not None and (row > self.end or (row == self.end and not self.end_inclusive))
+            self.end is not None
+            and (row > self.end or (row == self.end and not self.end_inclusive))
         )
 
     def is_empty(self) -> bool:
@@ -121,6 +122,13 @@ class FileRef:
     size: int
     entries: int
     fence: RowRange = FULL_RANGE
+
+    @property
+    def uri(self) -> str:
+        """Identity of this reference: the path, plus the fence when there is one."""
+        if self.fence.is_unbounded():
+            return self.path
+        return f"{self.path}#{self.fence.to_json()}"
 
     def to_json(self) -> dict:
         return {

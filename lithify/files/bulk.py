@@ -80,9 +80,7 @@ def _first_unsorted(batch: pa.RecordBatch) -> int | None:
     ts_eq = pc.equal(a["timestamp"], b["timestamp"])
     less = pc.or_(ts_gt, pc.and_(ts_eq, less))
     for name in ("visibility", "qualifier", "family", "row"):
-        less = pc.or_(
-            pc.less(a[name], b[name]), pc.and_(pc.equal(a[name], b[name]), less)
-        )
+        less = pc.or_(pc.less(a[name], b[name]), pc.and_(pc.equal(a[name], b[name]), less))
     # less[i]: key(i+1) sorts before key(i), i.e. out of order.
     if not pc.any(less).as_py():
         return None

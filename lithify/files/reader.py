@@ -32,9 +32,7 @@ _READ_ERRORS = (OSError, pa.ArrowException, ValueError, EOFError)
 class SortedFileReader:
     """An open sorted file. Use `open()`; close it (or use `with`) when done."""
 
-    def __init__(
-        self, path: str, source: pa.NativeFile, pf: pq.ParquetFile, size: int
-    ) -> None:
+    def __init__(self, path: str, source: pa.NativeFile, pf: pq.ParquetFile, size: int) -> None:
         self.path = path
         self.size = size
         self._source = source
@@ -141,9 +139,7 @@ class SortedFileReader:
             return
         bounded = not rng.is_unbounded()
         try:
-            it = self._pf.iter_batches(
-                batch_size=batch_size, row_groups=groups, use_threads=False
-            )
+            it = self._pf.iter_batches(batch_size=batch_size, row_groups=groups, use_threads=False)
             for batch in it:
                 if batch.schema != ENTRY_SCHEMA:
                     batch = _conform(batch, self.path)

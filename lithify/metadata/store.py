@@ -359,9 +359,7 @@ class MetadataStore:
             raise TableNotFoundError(f"table id {table_id!r} does not exist")
         return _table_info(row)
 
-    def set_table_properties(
-        self, table_id: str, changes: Mapping[str, str | None]
-    ) -> TableInfo:
+    def set_table_properties(self, table_id: str, changes: Mapping[str, str | None]) -> TableInfo:
         """Set (a string) or unset (None) table properties; the row is locked while merging so
         concurrent changes to different properties are all kept."""
         checked = _check_changes(changes)
@@ -428,9 +426,7 @@ class MetadataStore:
     def get_tablet(self, extent: Extent) -> TabletMeta | None:
         """The tablet with exactly this extent, or None (split, merged, or its table deleted)."""
         with self._read() as conn:
-            row = conn.execute(
-                select(s.tablets).where(*_extent_where(extent))
-            ).first()
+            row = conn.execute(select(s.tablets).where(*_extent_where(extent))).first()
         return None if row is None else _tablet_meta(row)
 
     def update_tablet(

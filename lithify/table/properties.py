@@ -108,7 +108,9 @@ _CLASS_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 def _class_name(name: str, value: str) -> str:
     if not _CLASS_RE.match(value.strip()):
-        raise ConfigError(f"property {name}: {value!r} is not a plug-in name of the form module:Class")
+        raise ConfigError(
+            f"property {name}: {value!r} is not a plug-in name of the form module:Class"
+        )
     return value.strip()
 
 

@@ -74,7 +74,9 @@ def coalesce_fences(files: Sequence[FileRef]) -> list[FileRef]:
                 f.path,
                 f.size,
                 f.entries,
-                RowRange(prev.fence.start, f.fence.end, prev.fence.start_inclusive, f.fence.end_inclusive),
+                RowRange(
+                    prev.fence.start, f.fence.end, prev.fence.start_inclusive, f.fence.end_inclusive
+                ),
             )
         else:
             out.append(f)

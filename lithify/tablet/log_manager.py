@@ -7,6 +7,7 @@ generations come from the metadata store, so sequence numbers keep increasing ac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -61,10 +62,8 @@ class LogManager:
         for path, _gen in self._meta.list_logs():
             if path in referenced or path == current:
                 continue
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-            except FileNotFoundError:
-                pass
             self._meta.remove_log(path)
             removed.append(path)
         return removed

@@ -77,14 +77,14 @@ class InMemoryMap:
 
         Constant work per call, none per entry: validation looks at the schema and null count.
         """
-        if not table.schema.equals(ENTRY_SCHEMA):
-            if table.schema.names != ENTRY_SCHEMA.names:
-                raise ValueError(
-                    f"entries have columns {table.schema.names}, expected {ENTRY_SCHEMA.names}"
-                )
-            table = table.cast(ENTRY_SCHEMA)
+        if table.schema.names != ENTRY_SCHEMA.names:
+            raise ValueError(
+                f"entries have columns {table.schema.names}, expected {ENTRY_SCHEMA.names}"
+            )
         if table.column("timestamp").null_count:
             raise ValueError("entries added to an in-memory map must have timestamps assigned")
+        if not table.schema.equals(ENTRY_SCHEMA):
+            table = table.cast(ENTRY_SCHEMA)
         if table.num_rows == 0:
             return
         nbytes = table.nbytes

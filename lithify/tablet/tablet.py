@@ -24,8 +24,8 @@ from lithify.files.storage import Storage
 from lithify.files.writer import SortedFileWriter
 from lithify.metadata.store import MetadataStore, TabletMeta
 from lithify.table.properties import Properties
-from lithify.tablet.log_manager import LogManager
 from lithify.tablet.clock import TabletClock
+from lithify.tablet.log_manager import LogManager
 from lithify.tablet.memtable import InMemoryMap
 from lithify.tablet.wal import LogRecord
 
@@ -155,7 +155,9 @@ class Tablet:
             finally:
                 with self._lock:
                     self._flushing.remove(frozen)
-        log.info("Flushed %s created %s entries %d size %d", self.extent, ref.path, ref.entries, ref.size)
+        log.info(
+            "Flushed %s created %s entries %d size %d", self.extent, ref.path, ref.entries, ref.size
+        )
         self._ctx.on_files_changed(self.extent)
         return ref
 
