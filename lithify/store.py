@@ -550,6 +550,26 @@ class Store:
             added.append(ref)
         return added
 
+    # -- observation --------------------------------------------------------------------------
+
+    def files_per_tablet(self) -> list[int]:
+        return [len(tb.files) for tbs in self._all_tablet_lists() for tb in tbs]
+
+    def memory_bytes(self) -> int:
+        return sum(tb.memory_bytes for tbs in self._all_tablet_lists() for tb in tbs)
+
+    def flush_stats(self) -> tuple[int, int]:
+        """(queued, running) flushes."""
+        with self._lock:
+            futures = list(self._pending_flush.values())
+        running = sum(1 for f in futures if f.running())
+        queued = sum(1 for f in futures if not f.done() and not f.running())
+        return queued, running
+
+    def wait_for_compactions(self, timeout: float = 60.0) -> bool:
+        """Wait (bounded) until no compaction is queued or running; True if that happened."""
+        return self.manager.wait_idle(timeout)
+
     # -- garbage ------------------------------------------------------------------------------
 
     def gc(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -116,12 +117,14 @@ def test_subcompactions_split_the_work(files) -> None:
 def test_fences_and_extent(files) -> None:
     storage, refs, runs = files
     fences = [RowRange(b"1", b"6"), RowRange(), RowRange(None, b"4"), RowRange(b"3", None)]
-    fenced = [FileRef(f.path, f.size, f.entries, fence) for f, fence in zip(refs, fences)]
+    fenced = [
+        FileRef(f.path, f.size, f.entries, fence) for f, fence in zip(refs, fences, strict=True)
+    ]
     extent = RowRange(b"2", b"8")
     res = run_compaction(storage, request(fenced, "fenced", subcompactions=3, extent_range=extent))
     want_sources = [
         [e for e in run if fence.contains(e[0]) and extent.contains(e[0])]
-        for run, fence in zip(runs, fences)
+        for run, fence in zip(runs, fences, strict=True)
     ]
     want = reference_merge(want_sources, versions=1, propagate_deletes=False)
     assert read_output(storage, res.tmp_path) == want
@@ -180,10 +183,10 @@ def test_corrupt_input_fails_and_cleans_up(tmp_path) -> None:
             storage, f"tables/t/F{i}.parquet", to_table(run), compression="none", row_group_size=200
         )
         refs.append(FileRef(info.path, info.size, info.entries))
-    path = storage.path(refs[1].path)
-    data = bytearray(open(path, "rb").read())
+    path = Path(storage.path(refs[1].path))
+    data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    path.write_bytes(bytes(data))
     before = storage.list_files("")
     with pytest.raises(CorruptFileError, match="F1.parquet"):
         run_compaction(storage, request(refs[::-1], "corrupt", subcompactions=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -220,27 +221,31 @@ def test_missing_file(storage: Storage) -> None:
 
 def test_truncated_file(storage: Storage) -> None:
     write_entries(storage, "tables/t/T.parquet", make_table(500))
-    data = open(storage.path("tables/t/T.parquet"), "rb").read()
+    path = Path(storage.path("tables/t/T.parquet"))
+    data = path.read_bytes()
     for cut in (len(data) // 2, len(data) - 3, 5, 0):
-        with open(storage.path("tables/t/T.parquet"), "wb") as f:
-            f.write(data[:cut])
-        with pytest.raises(CorruptFileError, match="tables/t/T.parquet"):
-            with SortedFileReader.open(storage, "tables/t/T.parquet") as r:
-                list(r.batches())
+        path.write_bytes(data[:cut])
+        with (
+            pytest.raises(CorruptFileError, match="tables/t/T.parquet"),
+            SortedFileReader.open(storage, "tables/t/T.parquet") as r,
+        ):
+            list(r.batches())
 
 
 def test_corrupt_page_detected(storage: Storage) -> None:
     write_entries(storage, "tables/t/C.parquet", make_table(2000), compression="none")
-    path = storage.path("tables/t/C.parquet")
-    data = bytearray(open(path, "rb").read())
+    path = Path(storage.path("tables/t/C.parquet"))
+    data = bytearray(path.read_bytes())
     md = pq.ParquetFile(path).metadata
     col = md.row_group(0).column(6)  # the value column: plain pages of random bytes
     pos = col.data_page_offset + col.total_compressed_size // 2
     data[pos] ^= 0xFF
-    open(path, "wb").write(bytes(data))
-    with pytest.raises(CorruptFileError, match="tables/t/C.parquet"):
-        with SortedFileReader.open(storage, "tables/t/C.parquet") as r:
-            list(r.batches())
+    path.write_bytes(bytes(data))
+    with (
+        pytest.raises(CorruptFileError, match="tables/t/C.parquet"),
+        SortedFileReader.open(storage, "tables/t/C.parquet") as r,
+    ):
+        list(r.batches())
 
 
 def test_garbage_file(storage: Storage) -> None:

@@ -38,9 +38,11 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from lithify.cli import demo, shell
+    from lithify.cli import ci, demo, shell, status
 
     cli.add_command(demo.demo)
+    cli.add_command(ci.ci)
+    cli.add_command(status.status)
     for cmd in shell.COMMANDS:
         cli.add_command(cmd)
 

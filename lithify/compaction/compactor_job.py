@@ -212,8 +212,11 @@ def run_compaction(
             finally:
                 if any(not f.done() or f.exception() is not None for f in futures):
                     stop.set()
-            for f in futures:
-                f.result()
+            errors = [e for f in futures if (e := f.exception()) is not None]
+            if errors:
+                # Report the cause, not the cancellations it triggered in the other parts.
+                causes = [e for e in errors if not isinstance(e, CompactionCancelledError)]
+                raise (causes or errors)[0]
         info = writer.close()
     except BaseException:
         stop.set()

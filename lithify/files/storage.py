@@ -6,6 +6,7 @@ paths) stay valid when the store moves or is served from a shared filesystem or 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pyarrow as pa
@@ -48,10 +49,8 @@ class Storage:
 
     def delete(self, rel: str) -> None:
         """Delete a file; a file that is already gone is not an error (deletes are retried)."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(self.path(rel))
-        except FileNotFoundError:
-            pass
 
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound

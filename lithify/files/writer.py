@@ -15,6 +15,7 @@ single thread per file, so this is what lets one compaction use every core.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from collections.abc import Sequence
@@ -224,15 +225,12 @@ class SortedFileWriter:
         """Give up: close quietly and delete what was written (only a file this writer owns)."""
         if not self._closed:
             self._closed = True
-            try:
+            # The file is being thrown away: errors while closing it do not matter.
+            with contextlib.suppress(Exception):
                 self._pw.close()
-            except Exception:  # noqa: BLE001 - the file is being thrown away
-                pass
             if self._own_sink:
-                try:
+                with contextlib.suppress(Exception):
                     self._sink.close()
-                except Exception:  # noqa: BLE001
-                    pass
         if self._own_sink:
             self._storage.delete(self.path)
 
@@ -342,10 +340,8 @@ class PartitionedFileWriter:
             w.abort()
         if not self._done:
             self._done = True
-            try:
+            with contextlib.suppress(Exception):
                 self._stream.close()
-            except Exception:  # noqa: BLE001 - the file is being thrown away
-                pass
             self._storage.delete(self.path)
 
 

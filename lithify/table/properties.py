@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from lithify import units
 from lithify.errors import ConfigError
 
 Validator = Callable[[str, str], str]
@@ -65,18 +66,9 @@ def _choice(*choices: str) -> Validator:
     return check
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
-_SIZE_MULT = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
-
-
 def parse_size(name: str, value: str) -> int:
     """Bytes from a size such as `64M` (binary suffixes K, M, G; a bare number is bytes)."""
-    m = _SIZE_RE.match(value)
-    if not m:
-        raise ConfigError(
-            f"property {name}: {value!r} is not a size (expected bytes or a number with K, M or G)"
-        )
-    return int(m.group(1)) * _SIZE_MULT[m.group(2).lower()]
+    return units.parse_size(value, property_name=f"property {name}")
 
 
 def _size(name: str, value: str) -> str:
