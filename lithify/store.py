@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lithify.compaction.manager import CompactionManager
+from lithify.compaction.manager import CompactionManager, ExternalSink
 from lithify.compaction.merge import merge_sorted
 from lithify.compaction.spi import CompactionKind
 from lithify.data.key import ENTRY_SCHEMA, Key
@@ -80,7 +80,13 @@ class CompactionSummary:
 class Store:
     """A lithify store hosted in this process. Thread-safe; close it when done."""
 
-    def __init__(self, path: str | os.PathLike, *, metadata_url: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        metadata_url: str | None = None,
+        external_sink: ExternalSink | None = None,
+    ) -> None:
         self.path = Path(path).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file = builtins.open(self.path / "LOCK", "a+")  # noqa: SIM115 (held for the lifetime)
@@ -127,6 +133,7 @@ class Store:
             self.compactions,
             self._sys_props.explicit(),
             scan_files_open_max=self._sys_props.get_int("tserver.scan.files.open.max"),
+            external_sink=external_sink,
         )
         self.compactions.manager = self.manager
         self.manager.start_periodic(
@@ -599,9 +606,18 @@ class Store:
         self.close()
 
 
-def open(path: str | os.PathLike, *, metadata_url: str | None = None) -> Store:  # noqa: A001
-    """Open (creating if needed) the store at `path`; SQLite metadata beside the data by default."""
-    return Store(path, metadata_url=metadata_url)
+def open(  # noqa: A001
+    path: str | os.PathLike,
+    *,
+    metadata_url: str | None = None,
+    external_sink: ExternalSink | None = None,
+) -> Store:
+    """Open (creating if needed) the store at `path`; SQLite metadata beside the data by default.
+
+    `external_sink` receives the jobs that plans assign to external queues (the tablet server
+    passes one that forwards them to the compaction coordinator).
+    """
+    return Store(path, metadata_url=metadata_url, external_sink=external_sink)
 
 
 def _b(v: bytes | str | None) -> bytes | None:

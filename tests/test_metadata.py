@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from lithify.data.ranges import Extent, FileRef, RowRange
 from lithify.errors import (
@@ -28,6 +28,7 @@ from lithify.errors import (
     TableExistsError,
     TableNotFoundError,
 )
+from lithify.metadata.schema import tablets as tablets_table
 from lithify.metadata.store import (
     SQLITE_SYNC_PROPERTY,
     LeaseLostError,
@@ -216,6 +217,19 @@ def test_sqlite_pragmas(metadata_url: str) -> None:
     st.close()
     with pytest.raises(ConfigError, match=SQLITE_SYNC_PROPERTY):
         MetadataStore.open(metadata_url)
+
+
+def test_reads_see_one_snapshot(store: MetadataStore) -> None:
+    """A read of several statements (referenced_files) must not see a commit half-way."""
+    t = store.create_table("t", {}, [])
+    m = store.tablets(t.id)[0]
+    query = select(tablets_table.c.version).where(tablets_table.c.table_id == t.id)
+    with store._read() as conn:
+        before = conn.execute(query).scalar_one()
+        store.update_tablet(m, m.replace(flushed_seq=1))  # commits on another connection
+        during = conn.execute(query).scalar_one()
+    assert before == during == m.version
+    assert store.get_tablet(m.extent).version == m.version + 1  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------- tablets

@@ -218,9 +218,11 @@ def test_column_and_timestamp_filters(store):
 
 
 def test_second_open_of_same_directory_is_refused(tmp_path, metadata_url):
-    with lithify.open(tmp_path / "s", metadata_url=metadata_url):
-        with pytest.raises(LithifyError, match="already open"):
-            lithify.open(tmp_path / "s", metadata_url=metadata_url)
+    with (
+        lithify.open(tmp_path / "s", metadata_url=metadata_url),
+        pytest.raises(LithifyError, match="already open"),
+    ):
+        lithify.open(tmp_path / "s", metadata_url=metadata_url)
 
 
 def test_memory_limit_triggers_flushes(store):

@@ -1,4 +1,4 @@
-"""Accumulo-shell-like commands on an embedded store: tables, config, insert, scan, flush, compact."""
+"""Accumulo-shell-like commands on an embedded store: tables, config, insert, scan, compact."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lithify.errors import LithifyError
 
 
 def with_store(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Open the store named by --store/--metadata-url around a command, turning errors into exit 2."""
+    """Open the store of --store/--metadata-url around a command; errors exit with status 1."""
 
     @STORE_OPTION
     @METADATA_OPTION
@@ -141,8 +141,9 @@ def scan(
     cols = None
     if columns:
         cols = [(c.partition(":")[0], c.partition(":")[2] or None) for c in columns.split(",")]
-    shown = 0
-    for key, value in store.scan_entries(table, begin_row, end_row, columns=cols):
+    for shown, (key, value) in enumerate(
+        store.scan_entries(table, begin_row, end_row, columns=cols)
+    ):
         if limit is not None and shown >= limit:
             break
         ts = f" {key.timestamp}" if timestamps else ""
@@ -150,7 +151,6 @@ def scan(
         click.echo(
             f"{_show(key.row)} {_show(key.family)}:{_show(key.qualifier)}{vis}{ts}\t{_show(value)}"
         )
-        shown += 1
 
 
 def _show(b: bytes) -> str:

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 @dataclass(frozen=True, slots=True)
 class RowRange:
-    """Rows r with start < r (or <= when start_inclusive) and r <= end (or < when not end_inclusive).
+    """Rows r with start < r (<= if start_inclusive) and r <= end (< if not end_inclusive).
 
     `None` bounds are unbounded. The default inclusivity gives the extent shape (after, upto].
     """

@@ -3,7 +3,8 @@
 SYSTEM.md 4 asks for a single store behind SQLite (a file beside the data, the default) and
 PostgreSQL (several hosts), with the same code and the same tests for both. Everything here is
 SQLAlchemy Core; the only dialect-specific pieces are connection set-up, the upsert construct, the
-database clock and a lock that serialises schema creation.
+database clock and a lock that serialises schema creation. The hot path (read a tablet, compare
+and set it) uses Core statements compiled once per store for its dialect (`_prepare`, `_run`).
 
 Concurrency model
 -----------------
@@ -14,9 +15,11 @@ Concurrency model
 * SQLite: WAL mode so readers never block the writer, `busy_timeout` so that several processes
   can share the file, and `BEGIN IMMEDIATE` for write transactions so that a writer takes the
   write lock up front instead of failing half-way when it upgrades a read lock.
-* PostgreSQL: READ COMMITTED. A conditional `UPDATE`/`DELETE` re-checks its `WHERE` against the
-  newest row version after waiting for a concurrent writer, which is exactly compare-and-set.
-  Read-modify-write of non-tablet rows (properties, leases) locks the row with `FOR UPDATE`.
+* PostgreSQL: READ COMMITTED for writes. A conditional `UPDATE`/`DELETE` re-checks its `WHERE`
+  against the newest row version after waiting for a concurrent writer, which is exactly
+  compare-and-set. Read-modify-write of non-tablet rows (properties, leases) locks the row with
+  `FOR UPDATE`. Reads run in REPEATABLE READ so that a read of several statements sees one
+  snapshot (the garbage collector must never see a file in neither place it moves between).
 * Leases use the database's clock (not the caller's), so on PostgreSQL all hosts agree on when a
   lease expires; on SQLite all processes share one host and thus one clock anyway.
 """
@@ -159,6 +162,16 @@ class TabletMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """A lease as read: `holder` is None when nobody holds it now; `remaining_s` may be < 0."""
+
+    name: str
+    holder: str | None
+    epoch: int
+    remaining_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class FinalState:
     """An external compaction that finished or failed but whose result is not yet committed."""
 
@@ -182,6 +195,14 @@ class MetadataStore:
         self._engine = engine
         self._writer = engine.execution_options(**{_WRITE_OPTION: True})
         self._dialect = engine.dialect.name
+        # Reads that take several statements (referenced_files above all) need one snapshot: on
+        # PostgreSQL that is REPEATABLE READ (read-only, so it never fails to serialise); SQLite's
+        # deferred BEGIN in WAL mode already reads one snapshot.
+        self._reader = (
+            engine.execution_options(isolation_level="REPEATABLE READ")
+            if self._dialect == "postgresql"
+            else engine
+        )
         self._select_tablet = self._prepare(_SELECT_TABLET)
         self._update_tablet = self._prepare(_UPDATE_TABLET)
         self._delete_tablet = self._prepare(_DELETE_TABLET)
@@ -284,8 +305,8 @@ class MetadataStore:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        """A read transaction (one consistent snapshot on both backends)."""
-        with self._engine.begin() as conn:
+        """A read transaction: one consistent snapshot on both backends."""
+        with self._reader.begin() as conn:
             yield conn
 
     @contextmanager
@@ -750,6 +771,17 @@ class MetadataStore:
                 .values(holder=None, expires_at=0.0)
             ).rowcount
         return count == 1
+
+    def lease_info(self, name: str) -> LeaseInfo | None:
+        """Who holds lease `name` (None if it was never taken); processes find servers this way."""
+        lt = s.leases
+        with self._read() as conn:
+            row = conn.execute(select(lt).where(lt.c.name == name)).one_or_none()
+            if row is None:
+                return None
+            now = self._db_now(conn)
+        live = row.holder is not None and row.expires_at > now
+        return LeaseInfo(name, row.holder if live else None, row.epoch, row.expires_at - now)
 
     def check_epoch(self, name: str, epoch: int) -> bool:
         """Whether `epoch` is still the lease's newest epoch (nobody took over since).

@@ -198,6 +198,33 @@ SYSTEM_PROPERTIES: tuple[PropertyDef, ...] = (
         prefix=True,
     ),
     PropertyDef(
+        "instance.secret", None, _any_string, "shared secret of every process-to-process call"
+    ),
+    PropertyDef(
+        "coordinator.lease.ttl", "5s", _duration, "coordinator lease; a standby takes over after it"
+    ),
+    PropertyDef(
+        "coordinator.queue.max", "10000", _int_at_least(1), "jobs per external queue before rejects"
+    ),
+    PropertyDef(
+        "coordinator.phi.threshold",
+        "8",
+        _float_at_least(1.0),
+        "phi above which a compactor is suspect",
+    ),
+    PropertyDef(
+        "coordinator.phi.window", "100", _int_at_least(2), "heartbeat intervals the detector keeps"
+    ),
+    PropertyDef(
+        "coordinator.phi.min.std", "500ms", _duration, "lowest deviation the detector assumes"
+    ),
+    PropertyDef(
+        "coordinator.check.interval", "1s", _duration, "period of the coordinator's checks"
+    ),
+    PropertyDef(
+        "compactor.cancel.grace", "30s", _duration, "time a stopping compactor may finish its job"
+    ),
+    PropertyDef(
         "compactor.wait.time.job.min", "1s", _duration, "shortest idle wait between job requests"
     ),
     PropertyDef(

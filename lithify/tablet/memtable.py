@@ -27,7 +27,9 @@ adding to the old map.
 from __future__ import annotations
 
 import bisect
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +48,10 @@ _KEY_NAMES = [name for name, _ in SORT_KEYS]
 #: Runs carry the sequence number of each entry so that merges can order identical keys by it.
 _RUN_SORT_KEYS = [*SORT_KEYS, (_SEQ, "descending")]
 _EMPTY = ENTRY_SCHEMA.empty_table()
+#: Below this many rows a take is fast enough on one thread.
+_PARALLEL_TAKE_ROWS = 100_000
+_take_pool: ThreadPoolExecutor | None = None
+_take_pool_lock = threading.Lock()
 
 
 @dataclass(slots=True)
@@ -201,7 +207,7 @@ def _sort_adds(adds: list[tuple[pa.Table, int]]) -> pa.Table:
         _ORD, pa.array(np.arange(table.num_rows, dtype=np.int64))
     )
     order = pc.sort_indices(keys, sort_keys=[*_RUN_SORT_KEYS, (_ORD, "descending")])
-    return table.take(order).combine_chunks()
+    return _take(table, order)
 
 
 def _merge_runs(runs: list[pa.Table]) -> pa.Table:
@@ -209,7 +215,25 @@ def _merge_runs(runs: list[pa.Table]) -> pa.Table:
     run's entry stays first)."""
     table = pa.concat_tables(runs)
     keys = table.select([*_KEY_NAMES, _SEQ])
-    return table.take(pc.sort_indices(keys, sort_keys=_RUN_SORT_KEYS)).combine_chunks()
+    return _take(table, pc.sort_indices(keys, sort_keys=_RUN_SORT_KEYS))
+
+
+def _take(table: pa.Table, indices: pa.Array) -> pa.Table:
+    """`table.take(indices)`, one column per thread for large tables.
+
+    Gathering rows in sorted order is as costly as the sort itself (random access into the
+    value buffers), and Arrow's take runs on one thread; columns are independent.
+    """
+    workers = min(table.num_columns, os.cpu_count() or 1)
+    if table.num_rows < _PARALLEL_TAKE_ROWS or workers < 2:
+        return table.take(indices)
+    global _take_pool
+    with _take_pool_lock:
+        if _take_pool is None:
+            _take_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memtable-take")
+        pool = _take_pool
+    columns = list(pool.map(lambda col: col.take(indices), table.columns))
+    return pa.Table.from_arrays(columns, schema=table.schema)
 
 
 def _slice_run(run: pa.Table, rng: RowRange) -> pa.Table:

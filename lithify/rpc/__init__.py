@@ -1,0 +1,1 @@
+"""Process-to-process calls: JSON over HTTP, every call authenticated with the instance secret."""
