@@ -228,7 +228,10 @@ def child_floor(args: argparse.Namespace) -> dict:
     storage = Storage(args.dir)
     refs = [FileRef.from_json(d) for d in json.loads(Path(args.dir, "refs.json").read_text())]
     threads = max(1, min(args.threads, len(refs)))
-    quota = [args.floor_out // threads + (1 if k < args.floor_out % threads else 0) for k in range(threads)]
+    quota = [
+        args.floor_out // threads + (1 if k < args.floor_out % threads else 0)
+        for k in range(threads)
+    ]
     errors: list[BaseException] = []
 
     def work(k: int) -> None:
@@ -239,7 +242,9 @@ def child_floor(args: argparse.Namespace) -> dict:
                 sink,
                 ENTRY_SCHEMA,
                 compression=codec,
-                compression_level=fw.DEFAULT_COMPRESSION_LEVEL if codec == fw.DEFAULT_COMPRESSION else None,
+                compression_level=fw.DEFAULT_COMPRESSION_LEVEL
+                if codec == fw.DEFAULT_COMPRESSION
+                else None,
                 use_dictionary=fw._DICTIONARY_COLUMNS,
                 write_statistics=["row"],
                 write_page_checksum=True,
@@ -321,7 +326,12 @@ def rocks_load(args: argparse.Namespace, dbdir: str) -> None:
                 db.write(wb, wo)
         db.flush(True)
         el = time.monotonic() - t0
-        print(f"\rloading RocksDB: {i + 1}/{len(refs)} runs ({el:.0f} s)", end="", file=sys.stderr, flush=True)
+        print(
+            f"\rloading RocksDB: {i + 1}/{len(refs)} runs ({el:.0f} s)",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
     print(file=sys.stderr)
     files = db.live_files()
     db.close()
@@ -339,7 +349,12 @@ def child_rocksdb(args: argparse.Namespace) -> dict:
     t0, c0 = time.perf_counter(), _cpu()
     db.compact_range(None, None, co)
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
-    out = {"wall_s": wall, "cpu_s": cpu, "files_before": n_before, "files_after": len(db.live_files())}
+    out = {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "files_before": n_before,
+        "files_after": len(db.live_files()),
+    }
     if args.hash:
         h = ContentHash()
         for k, v in db.items():
@@ -381,6 +396,22 @@ def run_child(engine: str, args: argparse.Namespace, *extra: str) -> dict:
 # -- driver --------------------------------------------------------------------------------
 
 
+def _cpu_pressure() -> tuple[float, int] | None:
+    """(time, total stalled microseconds) from Linux PSI, to report how busy the machine was."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except OSError:
+        return None
+    return time.monotonic(), int(line.rsplit("total=", 1)[1])
+
+
+def _pressure_pct(a: tuple[float, int] | None, b: tuple[float, int] | None) -> float | None:
+    """Share of the time some runnable task waited for a CPU (other users' load included)."""
+    if a is None or b is None or b[0] <= a[0]:
+        return None
+    return round(100 * (b[1] - a[1]) / 1e6 / (b[0] - a[0]), 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--files", type=int, default=10)
@@ -407,28 +438,34 @@ def main() -> None:
     Path(args.dir, "refs.json").write_text(json.dumps([r.to_json() for r in refs]))
     entries_in = sum(r.entries for r in refs)
 
-    lith = []
-    for i in range(args.repeats):
-        lith.append(run_child("lithify", args, *(["--hash"] if i == args.repeats - 1 else [])))
-        print(f"lithify run {i + 1}: {lith[-1]['wall_s']:.2f} s", file=sys.stderr)
-    entries_out = lith[-1]["entries_out"]
-    storage.delete("out/A.parquet_tmp_bench")
-    floor = []
-    for i in range(args.repeats):
-        floor.append(run_child("floor", args, "--floor-out", str(entries_out)))
-        print(f"floor run {i + 1}: {floor[-1]['wall_s']:.2f} s", file=sys.stderr)
-    rocks = []
+    # Engines alternate within each repeat so that a noisy machine affects them alike.
+    template = os.path.join(args.dir, "rocks-template")
     if not args.skip_rocksdb:
-        template = os.path.join(args.dir, "rocks-template")
         rocks_load(args, template)
-        for i in range(args.repeats):
+    lith: list[dict] = []
+    floor: list[dict] = []
+    rocks: list[dict] = []
+    pressure0 = _cpu_pressure()
+    for i in range(args.repeats):
+        last = i == args.repeats - 1
+        lith.append(run_child("lithify", args, *(["--hash"] if last else [])))
+        storage.delete("out/A.parquet_tmp_bench")
+        floor.append(run_child("floor", args, "--floor-out", str(lith[-1]["entries_out"])))
+        line = (
+            f"repeat {i + 1}: lithify {lith[-1]['wall_s']:.2f} s, floor {floor[-1]['wall_s']:.2f} s"
+        )
+        if not args.skip_rocksdb:
             db = os.path.join(args.dir, "rocks-run")
             shutil.rmtree(db, ignore_errors=True)
             shutil.copytree(template, db)
-            extra = ["--rocks-db", db, *(["--hash"] if i == args.repeats - 1 else [])]
-            rocks.append(run_child("rocksdb", args, *extra))
-            print(f"rocksdb run {i + 1}: {rocks[-1]['wall_s']:.2f} s", file=sys.stderr)
+            rocks.append(
+                run_child("rocksdb", args, "--rocks-db", db, *(["--hash"] if last else []))
+            )
             shutil.rmtree(db, ignore_errors=True)
+            line += f", rocksdb {rocks[-1]['wall_s']:.2f} s"
+        print(line, file=sys.stderr)
+    pressure1 = _cpu_pressure()
+    entries_out = lith[-1]["entries_out"]
 
     def med(rs: list[dict], k: str) -> float:
         return statistics.median(r[k] for r in rs)
@@ -450,6 +487,8 @@ def main() -> None:
         "floor_cpu_s": med(floor, "cpu_s"),
         "floor_peak_rss_mb": max(r["peak_rss_mb"] for r in floor),
         "lithify_hash": lith[-1]["hash"],
+        "lithify_wall_runs": [r["wall_s"] for r in lith],
+        "cpu_pressure_some_pct": _pressure_pct(pressure0, pressure1),
     }
     rows = [
         ("lithify", res["lithify_wall_s"], res["lithify_cpu_s"], res["lithify_peak_rss_mb"]),
@@ -468,7 +507,9 @@ def main() -> None:
         )
         res["wall_vs_rocksdb"] = res["lithify_wall_s"] / res["rocksdb_wall_s"]
         res["cpu_vs_rocksdb"] = res["lithify_cpu_s"] / res["rocksdb_cpu_s"]
-        rows.append(("rocksdb", res["rocksdb_wall_s"], res["rocksdb_cpu_s"], res["rocksdb_peak_rss_mb"]))
+        rows.append(
+            ("rocksdb", res["rocksdb_wall_s"], res["rocksdb_cpu_s"], res["rocksdb_peak_rss_mb"])
+        )
     else:
         res["outputs_agree"] = None
     res["wall_vs_floor"] = res["lithify_wall_s"] / res["floor_wall_s"]
@@ -481,8 +522,11 @@ def main() -> None:
     for name, w, c, m in rows:
         print(f"{name:<10}{w:>10.2f}{c:>10.2f}{m:>14.0f}")
     print(f"lithify / floor wall: {res['wall_vs_floor']:.2f}")
+    print(f"CPU pressure during the runs (PSI some): {res['cpu_pressure_some_pct']}%")
     if rocks:
-        print(f"lithify / RocksDB wall: {res['wall_vs_rocksdb']:.2f}, CPU: {res['cpu_vs_rocksdb']:.2f}")
+        print(
+            f"lithify / RocksDB wall: {res['wall_vs_rocksdb']:.2f}, CPU: {res['cpu_vs_rocksdb']:.2f}"
+        )
         print(f"outputs agree (count and sha256): {res['outputs_agree']}")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(res, indent=2))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lithify.compaction.executor import QueuedJob
 from lithify.compaction.manager import CompactionManager, ExternalSink
 from lithify.compaction.merge import merge_sorted
 from lithify.compaction.spi import CompactionKind
@@ -75,6 +76,8 @@ class CompactionSummary:
     entries_read: int
     entries_written: int
     bytes_written: int
+    #: The user compaction's id (the `selection` id in the tablets' metadata).
+    id: str = ""
 
 
 class Store:
@@ -117,9 +120,15 @@ class Store:
             in_use=self.in_use,
         )
         self._tablets: dict[str, list[Tablet]] = {}
+        #: Per table, the latest server timestamp of tablets no longer hosted (see `_host`).
+        self._clock_floor: dict[str, int] = {}
         self._flusher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="minc")
         self._pending_flush: dict[Extent, Future] = {}
         self._memory_cv = threading.Condition(self._lock)
+        #: Called as on_cancel(table_id, extents or None, kind or None) after local cancels.
+        self.on_cancel: Callable[[str, list[Extent] | None, CompactionKind | None], None] | None = (
+            None
+        )
         self.compactions = CompactionDriver(
             storage=self.storage,
             in_use=self.in_use,
@@ -136,6 +145,7 @@ class Store:
             external_sink=external_sink,
         )
         self.compactions.manager = self.manager
+        self.compactions.cancel_hook = self.cancel_compactions
         self.manager.start_periodic(
             lambda: self._sys_props.get_duration("tserver.compaction.major.delay")
         )
@@ -149,20 +159,42 @@ class Store:
         for t in self.meta.list_tables():
             if t.state != "online":
                 continue
-            tablets = self._host(t.id)
+            tablets = self._host(t.id, after_restart=True)
             needing_recovery += [tb for tb in tablets if tb.meta.logs]
         if needing_recovery:
             self._recover(needing_recovery)
 
-    def _host(self, table_id: str) -> list[Tablet]:
+    def _host(self, table_id: str, *, after_restart: bool = False) -> list[Tablet]:
+        """Host a table's tablets as the metadata lists them.
+
+        A tablet already hosted with the same extent is kept as it is: its in-memory map, clock
+        and running compactions are live state that a fresh object would lose (a split or merge
+        re-hosts the whole table). A new tablet's clock starts past every timestamp the table's
+        tablets handed out in this process, so server time never goes backwards across a split,
+        merge or offline/online.
+        """
+        with self._lock:
+            current = {tb.extent: tb for tb in self._tablets.get(table_id, ())}
+            floor = max(
+                [self._clock_floor.get(table_id, 0), *(tb.clock.last for tb in current.values())]
+            )
         tablets = []
         for m in self.meta.tablets(table_id):
-            if m.compactions:
-                # Internal compactions die with the process that ran them.
+            kept = current.get(m.extent)
+            if kept is not None:
+                tablets.append(kept)
+                continue
+            if after_restart and m.compactions:
+                # Internal compactions die with the process that ran them; external ones (with
+                # an ECID) live on in their compactors. Only at start-up: a table brought back
+                # online may still have internal compactions running in this process.
                 m = self.meta.mutate_tablet(m.extent, _drop_internal_compactions) or m
-            tablets.append(Tablet(m, self._ctx))
+            tb = Tablet(m, self._ctx)
+            tb.clock.observe(floor)
+            tablets.append(tb)
         with self._lock:
             self._tablets[table_id] = tablets
+            self._clock_floor[table_id] = floor
         return tablets
 
     def _recover(self, tablets: list[Tablet]) -> None:
@@ -294,8 +326,38 @@ class Store:
         with self._lock:
             self._tablets.pop(info.id, None)
             self._props_cache.pop(info.id, None)
+            self._clock_floor.pop(info.id, None)
         self.meta.delete_table(info.id)
+        self.cancel_compactions(info.id, None)
         self._release_logs()
+
+    def cancel_compactions(
+        self, table_id: str, extents: Sequence[Extent] | None, kind: CompactionKind | None = None
+    ) -> int:
+        """Stop queued and running compactions of these tablets (all of the table's if None).
+
+        Used when a table is deleted or tablets are split or merged (their reservations are
+        gone, so a result could not commit anyway) and when a user compaction is cancelled.
+        `on_cancel` (set by a tablet server) passes the same request on to the coordinator.
+        """
+        wanted = None if extents is None else set(extents)
+
+        def match(q: QueuedJob) -> bool:
+            ext = q.tablet
+            return (
+                isinstance(ext, Extent)
+                and ext.table_id == table_id
+                and (wanted is None or ext in wanted)
+                and (kind is None or q.job.kind == kind)
+            )
+
+        n = self.manager.cancel(match)
+        if self.on_cancel is not None:
+            try:
+                self.on_cancel(table_id, None if wanted is None else list(wanted), kind)
+            except Exception:
+                log.warning("could not pass the cancellation on", exc_info=True)
+        return n
 
     def offline(self, name: str) -> None:
         """Flush and unload a table's tablets; it can be neither read nor written until online."""
@@ -305,7 +367,10 @@ class Store:
         for tb in self._hosted(info):
             tb.flush()
         with self._lock:
-            self._tablets.pop(info.id, None)
+            gone = self._tablets.pop(info.id, [])
+            self._clock_floor[info.id] = max(
+                [self._clock_floor.get(info.id, 0), *(tb.clock.last for tb in gone)]
+            )
         self.meta.set_table_state(info.id, "offline")
         self._release_logs()
 
@@ -333,6 +398,7 @@ class Store:
                 tb.flush()
                 old = tb.refresh()
                 self.meta.replace_tablets(info.id, [old], split_ops.split_tablet(old, inner))
+                self.cancel_compactions(info.id, [tb.extent])
             self._host(info.id)
         self._release_logs()
 
@@ -350,6 +416,7 @@ class Store:
                 tb.flush()
             old = [tb.refresh() for tb in group]
             self.meta.replace_tablets(info.id, old, [split_ops.merge_tablets(old)])
+            self.cancel_compactions(info.id, [tb.extent for tb in group])
             self._host(info.id)
         self._release_logs()
 
@@ -508,7 +575,7 @@ class Store:
                 raise CompactionCancelledError(f"user compaction {uc.id} of {table} was cancelled")
             raise LithifyError(f"user compaction {uc.id} of {table} did not finish in {timeout}s")
         return CompactionSummary(
-            uc.total, uc.files_in, uc.entries_read, uc.entries_written, uc.bytes_written
+            uc.total, uc.files_in, uc.entries_read, uc.entries_written, uc.bytes_written, uc.id
         )
 
     def cancel_compaction(self, table: str) -> int:
@@ -556,6 +623,15 @@ class Store:
                         self._files_changed(tb.extent)
             added.append(ref)
         return added
+
+    def refresh_tablet(self, extent: Extent) -> bool | None:
+        """Re-read a hosted tablet's metadata after another process changed it (an external
+        compaction committed); None when the tablet is not hosted, else whether it changed."""
+        tb = self._tablet_at(extent)
+        if tb is None:
+            return None
+        before = tb.meta.version
+        return tb.refresh().version != before
 
     # -- observation --------------------------------------------------------------------------
 

@@ -107,7 +107,7 @@ def operations(draw: st.DrawFn) -> list[tuple[str, object]]:
     return ops
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(operations())
 def test_map_matches_reference_under_any_interleaving(ops: list[tuple[str, object]]) -> None:
     m = InMemoryMap()

@@ -305,9 +305,10 @@ def test_torn_tail_at_every_offset_of_the_last_record(
     data, last_start, seqs = _three_records(tmp_path)
     assert seqs_of(tmp_path / "full.wal") == seqs
     path = tmp_path / "torn.wal"
+    path.write_bytes(data)
     caplog.set_level(logging.WARNING, logger=WAL_LOGGER)
-    for cut in range(last_start, len(data)):
-        path.write_bytes(data[:cut])
+    for cut in range(len(data) - 1, last_start - 1, -1):
+        os.truncate(path, cut)
         caplog.clear()
         records = list(read_log(path))
         assert [r.seq for r in records] == seqs[:2], cut
@@ -326,15 +327,20 @@ def test_flipped_byte_in_the_last_record_is_detected(
 ) -> None:
     data, last_start, seqs = _three_records(tmp_path)
     path = tmp_path / "flipped.wal"
+    path.write_bytes(data)
     caplog.set_level(logging.WARNING, logger=WAL_LOGGER)
-    for pos in range(last_start, len(data)):
-        damaged = bytearray(data)
-        damaged[pos] ^= 0x5A
-        path.write_bytes(bytes(damaged))
-        caplog.clear()
-        assert seqs_of(path) == seqs[:2], pos
-        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(warnings) == 1 and f"offset {last_start}" in warnings[0], pos
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for pos in range(last_start, len(data)):
+            os.pwrite(fd, bytes([data[pos] ^ 0x5A]), pos)
+            caplog.clear()
+            assert seqs_of(path) == seqs[:2], pos
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(warnings) == 1 and f"offset {last_start}" in warnings[0], pos
+            os.pwrite(fd, data[pos : pos + 1], pos)
+    finally:
+        os.close(fd)
+    assert seqs_of(path) == seqs
     # A flip in the payload proper is reported as a checksum mismatch.
     damaged = bytearray(data)
     damaged[last_start + 20] ^= 0x01

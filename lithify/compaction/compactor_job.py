@@ -36,7 +36,12 @@ from lithify.files.writer import (
 )
 
 _POLL_S = 0.05
-_READ_AHEAD_BATCHES = 2
+_READ_AHEAD_BATCHES = 1
+#: Bytes of merge buffers a compaction aims for (all subcompactions together): each input holds
+#: about five batches in flight (read-ahead, buffer, merge round, sort copies, writer).
+_MEMORY_BUDGET = 384 << 20
+_IN_FLIGHT_BATCHES = 5
+_MIN_BATCH = 4096
 _JOIN_TIMEOUT_S = 30.0
 
 
@@ -177,6 +182,7 @@ def run_compaction(
             readers.append(SortedFileReader.open(storage, f.path))
         clips = [f.fence.intersect(req.extent_range) for f in req.inputs]
         ranges = _split_ranges(readers, clips, req)
+        batch_size = _batch_size(readers, len(ranges), req.batch_size)
     finally:
         for r in readers:
             r.close()
@@ -193,7 +199,9 @@ def run_compaction(
     )
 
     def run_part(k: int) -> None:
-        _run_subcompaction(storage, req, clips, ranges[k], writer, k, stop, progress, rate_limiter)
+        _run_subcompaction(
+            storage, req, clips, ranges[k], writer, k, stop, progress, rate_limiter, batch_size
+        )
 
     try:
         with ThreadPoolExecutor(len(ranges), thread_name_prefix="lithify-subcompaction") as pool:
@@ -247,6 +255,7 @@ def _run_subcompaction(
     stop: threading.Event,
     progress: _Progress,
     rate_limiter: RateLimiter | None,
+    batch_size: int,
 ) -> None:
     readers: list[SortedFileReader] = []
     feeds: list[_ReadAhead] = []
@@ -267,7 +276,7 @@ def _run_subcompaction(
 
             feeds.append(
                 _ReadAhead(
-                    r.batches(part, batch_size=req.batch_size), _READ_AHEAD_BATCHES, stop, count
+                    r.batches(part, batch_size=batch_size), _READ_AHEAD_BATCHES, stop, count
                 )
             )
 
@@ -280,7 +289,7 @@ def _run_subcompaction(
             feeds,
             versions=req.versions,
             propagate_deletes=req.propagate_deletes,
-            batch_size=req.batch_size,
+            batch_size=batch_size,
             iterators=load_iterators(req.iterators),
             on_progress=report,
             is_cancelled=stop.is_set,
@@ -294,6 +303,19 @@ def _run_subcompaction(
             feed.close()
         for r in readers:
             r.close()
+
+
+def _batch_size(readers: Sequence[SortedFileReader], parts: int, limit: int) -> int:
+    """Entries per batch so that all parts' buffers fit `_MEMORY_BUDGET` (at most `limit`).
+
+    Memory is bounded by inputs x parts x batch, not by input size; the batch shrinks when a
+    compaction has many inputs or many subcompactions.
+    """
+    if not readers:
+        return limit
+    entry_bytes = max(r.uncompressed_entry_bytes() for r in readers)
+    per_batch_entry = len(readers) * parts * _IN_FLIGHT_BATCHES * max(1.0, entry_bytes)
+    return max(min(limit, _MIN_BATCH), min(limit, int(_MEMORY_BUDGET / per_batch_entry)))
 
 
 def _split_ranges(

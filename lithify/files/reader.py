@@ -112,6 +112,12 @@ class SortedFileReader:
             self._stats = stats
         return self._stats
 
+    def uncompressed_entry_bytes(self) -> float:
+        """Average decoded size of an entry (from the footer), for sizing buffers."""
+        md = self._pf.metadata
+        total = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+        return total / self.entries if self.entries else 0.0
+
     def row_groups_in(self, rng: RowRange) -> list[int]:
         """Indices of row groups that may hold rows of `rng` (by their `row` statistics)."""
         if rng.is_empty():

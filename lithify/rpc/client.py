@@ -71,7 +71,24 @@ class RpcClient:
         RpcError (status None when the server cannot be reached).
         """
         data = None if body is None else json.dumps(body).encode()
-        headers = {SECRET_HEADER: self._secret, "Content-Type": "application/json"}
+        return self._request(method, path, data, "application/json", timeout)
+
+    def call_bytes(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        *,
+        content_type: str = "application/vnd.apache.arrow.stream",
+        timeout: float | None = None,
+    ) -> Any:
+        """Like `call`, but the request body is raw bytes (an Arrow IPC stream, say)."""
+        return self._request(method, path, body, content_type, timeout)
+
+    def _request(
+        self, method: str, path: str, data: bytes | None, content_type: str, timeout: float | None
+    ) -> Any:
+        headers = {SECRET_HEADER: self._secret, "Content-Type": content_type}
         t = self._timeout if timeout is None else timeout
         for attempt in range(2):
             conn = self._conn(t)
@@ -86,19 +103,65 @@ class RpcClient:
                 if attempt == 1 or isinstance(e, ConnectionRefusedError | socket.timeout):
                     raise RpcError(f"{method} {self.base_url}{path}: {e!r}") from None
                 continue
-            payload = json.loads(raw) if raw else None
+            payload = _decode(raw)
             if resp.status >= 400:
-                detail = payload.get("detail") if isinstance(payload, dict) else payload
-                raise RpcError(
-                    f"{method} {self.base_url}{path}: HTTP {resp.status}: {detail}",
-                    resp.status,
-                    detail,
-                )
+                raise _http_error(method, self.base_url + path, resp.status, payload)
             return payload
         raise AssertionError("unreachable")
 
+    def stream(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> http.client.HTTPResponse:
+        """Start a call whose answer is read as a stream (a scan's Arrow IPC batches).
+
+        It uses a connection of its own, closed with the returned response, so a caller that
+        stops reading half-way never leaves a pooled connection in the middle of a body.
+        """
+        data = None if body is None else json.dumps(body).encode()
+        # "Connection: close" hands the socket to the response: closing it ends the call.
+        headers = {
+            SECRET_HEADER: self._secret,
+            "Content-Type": "application/json",
+            "Connection": "close",
+        }
+        t = self._timeout if timeout is None else timeout
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=t)
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+        except (ConnectionError, http.client.HTTPException, OSError) as e:
+            conn.close()
+            raise RpcError(f"{method} {self.base_url}{path}: {e!r}") from None
+        if resp.status >= 400:
+            try:
+                payload = _decode(resp.read())
+            finally:
+                conn.close()
+            raise _http_error(method, self.base_url + path, resp.status, payload)
+        return resp
+
     def close(self) -> None:
         self._drop()
+
+
+def _decode(raw: bytes) -> Any:
+    """JSON of a body; an error page that is not JSON (a proxy's, say) comes back as text."""
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+def _http_error(method: str, url: str, status: int, payload: Any) -> RpcError:
+    detail = payload.get("detail") if isinstance(payload, dict) else payload
+    return RpcError(f"{method} {url}: HTTP {status}: {detail}", status, detail)
 
 
 def retry(

@@ -175,6 +175,8 @@ class CompactionDriver:
         self._users: dict[str, UserCompaction] = {}
         self.totals = CompactionTotals()
         self.manager: CompactionManager | None = None
+        #: Cancels queued and running compactions: (table_id, extents, kind) -> count.
+        self.cancel_hook: Callable[[str, list[Extent], CompactionKind], int] | None = None
 
     # -- CompactionHost -----------------------------------------------------------------------
 
@@ -240,7 +242,9 @@ class CompactionDriver:
             return _reserve_checked(m, cid, files, record)
 
         try:
-            tb.mutate(reserve)
+            if tb.mutate(reserve) is None:
+                log.debug("not compacting %s: the tablet no longer exists", tb.extent)
+                return None
         except ReservationError as e:
             log.debug("not compacting %s: %s", tb.extent, e)
             return None
@@ -281,11 +285,22 @@ class CompactionDriver:
                     self._storage.delete(result.tmp_path)
                 inputs = set(files)
                 user = kind == CompactionKind.USER
-                tb.mutate(
-                    lambda m: reservation.commit(m, cid, out_ref).replace(
-                        selection=selection_after_commit(m, inputs, out_ref, user)
+                try:
+                    committed = tb.mutate(
+                        lambda m: reservation.commit(m, cid, out_ref).replace(
+                            selection=selection_after_commit(m, inputs, out_ref, user)
+                        )
                     )
-                )
+                except ReservationError:
+                    committed = None
+                if committed is None:
+                    # The reservation vanished under us (tablet split, merged or deleted):
+                    # the result belongs to no tablet any more.
+                    if out_ref is not None:
+                        self._storage.delete(output)
+                    raise CompactionCancelledError(
+                        f"compaction of {tb.extent} lost its reservation; output discarded"
+                    )
         except CompactionCancelledError:
             self.totals.record(executor, "cancelled", None)
             tb.mutate(lambda m: reservation.release(m, cid))
@@ -346,7 +361,7 @@ class CompactionDriver:
                 )
 
             meta = tb.mutate(select)
-            if meta.selection is not None and meta.selection["id"] == ucid:
+            if meta is not None and meta.selection is not None and meta.selection["id"] == ucid:
                 uc.pending.add(tb.extent)
         if not uc.pending:
             uc.done.set()
@@ -365,8 +380,12 @@ class CompactionDriver:
             if sel is not None:
                 ids.add(sel["id"])
                 tb.mutate(lambda m: m.replace(selection=None) if m.selection else None)
-        if self.manager is not None:
-            self.manager.cancel(lambda q: q.tablet in extents and q.job.kind == CompactionKind.USER)
+        if self.cancel_hook is not None:
+            by_table: dict[str, list[Extent]] = {}
+            for ext in extents:
+                by_table.setdefault(ext.table_id, []).append(ext)
+            for table_id, exts in by_table.items():
+                self.cancel_hook(table_id, exts, CompactionKind.USER)
         with self._lock:
             for ucid in ids:
                 uc = self._users.get(ucid)

@@ -79,21 +79,30 @@ class Tablet:
         return self._meta.files
 
     def refresh(self) -> TabletMeta:
-        """Re-read this tablet's metadata (after a commit made elsewhere)."""
-        fresh = self._ctx.meta.get_tablet(self.extent)
-        if fresh is not None:
-            self._meta = fresh
-        return self._meta
+        """Re-read this tablet's metadata (after a commit made elsewhere).
 
-    def mutate(self, fn: Callable[[TabletMeta], TabletMeta | None]) -> TabletMeta:
-        """Conditionally update this tablet's metadata and keep the result."""
+        A read that raced with this process's own update (which keeps its result) may be older
+        than what is held; versions only grow, so the older one is ignored.
+        """
+        fresh = self._ctx.meta.get_tablet(self.extent)
+        with self._lock:
+            if fresh is not None and fresh.version >= self._meta.version:
+                self._meta = fresh
+            return self._meta
+
+    def mutate(self, fn: Callable[[TabletMeta], TabletMeta | None]) -> TabletMeta | None:
+        """Conditionally update this tablet's metadata and keep the result.
+
+        Returns the new metadata, or None when nothing was written: `fn` wanted no change, or
+        the tablet no longer exists (deleted, split or merged away).
+        """
         result = self._ctx.meta.mutate_tablet(self.extent, fn)
         with self._lock:
             if result is not None:
                 self._meta = result
             else:
                 self.refresh()
-        return self._meta
+        return result
 
     # -- writes -------------------------------------------------------------------------------
 

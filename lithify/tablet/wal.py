@@ -385,7 +385,9 @@ class WriteAheadLog:
                 self._closed = True
                 self._pending = []
                 self._cond.notify_all()
-                os.close(self._fd)
+                if not self._writing:
+                    os.close(self._fd)
+                # else: a leader stuck in I/O past the wait closes the file when it returns.
 
     def __enter__(self) -> WriteAheadLog:
         return self
@@ -415,7 +417,7 @@ class WriteAheadLog:
         """Return once `seq` is durable to `level`, leading a write when nobody else is."""
         deadline = time.monotonic() + self._wait_timeout_s
         while not self._reached(seq, level):
-            if self._failed is not None:
+            if self._failed is not None or self._closed:
                 self._check_usable()
             if not self._writing:
                 self._lead()
@@ -458,6 +460,9 @@ class WriteAheadLog:
             self._lock.acquire()
             self._writing = False
             self._cond.notify_all()
+        if self._closed:
+            os.close(self._fd)
+            raise LogClosedError(f"write-ahead log {self._path} was closed during a write")
         if error is not None:
             self._failed = error
             log.error("write-ahead log %s failed: %r", self._path, error)
