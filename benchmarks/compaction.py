@@ -365,10 +365,22 @@ def child_rocksdb(args: argparse.Namespace) -> dict:
     return out
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. Not ru_maxrss: on Linux a child's ru_maxrss starts from its
+    parent's RSS at fork time, which would charge the driver's memory to every engine."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child_main(args: argparse.Namespace) -> None:
     fn = {"lithify": child_lithify, "floor": child_floor, "rocksdb": child_rocksdb}[args.child]
     out = fn(args)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _peak_rss_mb()
     print("RESULT " + json.dumps(out))
 
 
@@ -525,7 +537,8 @@ def main() -> None:
     print(f"CPU pressure during the runs (PSI some): {res['cpu_pressure_some_pct']}%")
     if rocks:
         print(
-            f"lithify / RocksDB wall: {res['wall_vs_rocksdb']:.2f}, CPU: {res['cpu_vs_rocksdb']:.2f}"
+            f"lithify / RocksDB wall: {res['wall_vs_rocksdb']:.2f}, "
+            f"CPU: {res['cpu_vs_rocksdb']:.2f}"
         )
         print(f"outputs agree (count and sha256): {res['outputs_agree']}")
     if args.json_path:

@@ -144,9 +144,9 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="lithify-wal-bench-", dir=args.dir))
     results = []
     try:
-        # Untimed: warms the allocator and the page cache so the first mode is not penalised.
-        bench_wal(directory, "flush", batches, min(args.batches, 20), 1)
         for mode in args.modes.split(","):
+            # Untimed: warms the allocator and the page cache for this mode.
+            bench_wal(directory, mode, batches, min(args.batches, 20), args.threads)
             results.append(bench_wal(directory, mode, batches, args.batches, args.threads))
             if args.rocksdb:
                 results.append(bench_rocksdb(directory, mode, batches, args.batches))

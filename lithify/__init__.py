@@ -3,6 +3,7 @@
 Start with `lithify.open(path)` for an embedded store; see README.md and docs/ARCHITECTURE.md.
 """
 
+from lithify.client import Client, connect
 from lithify.data.key import ENTRY_SCHEMA, Key
 from lithify.data.mutation import Mutation
 from lithify.data.ranges import Extent, FileRef, RowRange
@@ -10,6 +11,7 @@ from lithify.errors import LithifyError
 from lithify.store import Store, open
 
 __all__ = [
+    "Client",
     "ENTRY_SCHEMA",
     "Extent",
     "FileRef",
@@ -18,5 +20,6 @@ __all__ = [
     "Mutation",
     "RowRange",
     "Store",
+    "connect",
     "open",
 ]

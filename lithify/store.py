@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lithify.compaction.executor import QueuedJob
+from lithify.compaction.iterators import load_iterators
 from lithify.compaction.manager import CompactionManager, ExternalSink
 from lithify.compaction.merge import merge_sorted
 from lithify.compaction.spi import CompactionKind
@@ -564,6 +565,9 @@ class Store:
         `wait=False` it returns at once; `cancel_compaction` stops it.
         """
         info = self.meta.get_table(table)
+        # An iterator that cannot load would fail every pass and leave the selection pending
+        # for ever, so it is rejected (ConfigError naming it) before anything is selected.
+        load_iterators(iterators)
         rng = RowRange.rows(_b(start), _b(end))
         tablets = [tb for tb in self._hosted(info) if tb.extent.range.overlaps(rng)]
         if flush:
@@ -617,6 +621,10 @@ class Store:
                 for tb in tablets:
                     fenced = split_ops.fence_to(ref, tb.extent.range)
                     if fenced is not None and tb.extent.range.overlaps(span):
+                        # Flush first: an imported delete may hide puts still in memory, and a
+                        # compaction of all the tablet's files would drop the delete but not
+                        # those puts, which would then reappear.
+                        tb.flush()
                         tb.mutate(lambda m, f=fenced: m.replace(files=(*m.files, f)))
                         for _key in (meta.first_key, meta.last_key):
                             tb.clock.observe(_key.timestamp)

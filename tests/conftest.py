@@ -19,6 +19,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from tests.cluster_util import cluster  # noqa: F401 - the local-cluster fixture
+
 PG_DSN_ENV = "LITHIFY_TEST_PG_DSN"
 
 _BACKENDS = [pytest.param("sqlite", id="sqlite")]

@@ -412,7 +412,10 @@ def test_num_threads_change_takes_effect_live(store: lithify.Store, gate: Gate) 
     store.set_system_property(CS1_EXECUTORS, executors_json({"name": "all", "numThreads": 3}))
     assert store.manager.executor("i.cs1.all") is ex and ex.threads == 3
     assert wait_until(lambda: stats().running == 3 and gate.active == 3), stats()
-    assert stats().queued == 4
+    # At least the other four wait. (A plan made while a thread has taken a job but not yet
+    # reserved its files may queue that job again; the copy finds its files taken and does
+    # nothing, so only real compactions are counted below, from the compaction totals.)
+    assert stats().queued >= 4
 
     store.set_system_property(CS1_EXECUTORS, executors_json({"name": "all", "numThreads": 1}))
     assert ex.threads == 1
@@ -421,7 +424,8 @@ def test_num_threads_change_takes_effect_live(store: lithify.Store, gate: Gate) 
     gate.open()
     assert store.wait_for_compactions(WAIT_S)
     assert store.files_per_tablet() == [1] * 7
-    assert stats().completed == 7 and stats().failed == 0 and stats().cancelled == 0
+    totals = store.compactions.totals.snapshot()["i.cs1.all"]
+    assert (totals["completed"], totals["failed"], totals["cancelled"]) == (7, 0, 0)
     assert gate.peak == 3
     assert wait_until(lambda: threads_named("compact-i.cs1.all") == 1)
     assert sorted(k.qualifier for k, _ in store.scan_entries("t")) == [b"q1"] * 7 + [b"q2"] * 7

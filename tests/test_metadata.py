@@ -620,6 +620,18 @@ def test_leases(store: MetadataStore) -> None:
         store.acquire_lease("coordinator", "A", 0)
 
 
+def test_lease_info(store: MetadataStore) -> None:
+    assert store.lease_info("coordinator") is None  # never taken
+    epoch = store.acquire_lease("coordinator", "http://host-a:9000", 30)
+    info = store.lease_info("coordinator")
+    assert info is not None
+    assert (info.name, info.holder, info.epoch) == ("coordinator", "http://host-a:9000", epoch)
+    assert 0 < info.remaining_s <= 30
+    store.release_lease("coordinator", "http://host-a:9000")
+    info = store.lease_info("coordinator")
+    assert info is not None and info.holder is None and info.epoch == epoch
+
+
 def test_lease_contention_one_holder(store: MetadataStore) -> None:
     barrier = threading.Barrier(4)
     got: list[int | None] = []

@@ -376,7 +376,7 @@ class StoreMachine(RuleBasedStateMachine):
     def scan_matches_model(self) -> None:
         if self.store is None:
             return
-        assert self.actual() == self.expected()
+        _assert_same(self.actual(), self.expected())
 
     @precondition(lambda self: self.store is not None)
     @rule(rng=range_st, family=st.one_of(st.none(), st.sampled_from(FAMILIES)))
@@ -384,7 +384,7 @@ class StoreMachine(RuleBasedStateMachine):
         start, end = rng if rng is not None else (None, None)
         columns = None if family is None else [(family, None)]
         fams = None if family is None else {family}
-        assert self.actual(start, end, columns=columns) == self.expected(start, end, fams)
+        _assert_same(self.actual(start, end, columns=columns), self.expected(start, end, fams))
 
     def teardown(self) -> None:
         try:
@@ -394,6 +394,18 @@ class StoreMachine(RuleBasedStateMachine):
             self.store = None
             _drop_url(self.url)
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _assert_same(actual: list[Entry], expected: list[Entry]) -> None:
+    """Equal lists, or an error that shows what is missing and what is extra."""
+    if actual == expected:
+        return
+    missing = [e for e in expected if e not in actual]
+    extra = [e for e in actual if e not in expected]
+    raise AssertionError(
+        f"scan differs from the model: missing {missing}, unexpected {extra}"
+        + ("" if missing or extra else f", order {actual} != {expected}")
+    )
 
 
 def _fresh_url(base: str, directory: Path, n: int) -> str:

@@ -38,11 +38,15 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from lithify.cli import ci, demo, shell, status
+    from lithify.cli import ci, cluster, compactor, coordinator, demo, shell, status, tserver
 
     cli.add_command(demo.demo)
     cli.add_command(ci.ci)
     cli.add_command(status.status)
+    cli.add_command(coordinator.compaction_coordinator)
+    cli.add_command(tserver.tserver)
+    cli.add_command(compactor.compactor)
+    cli.add_command(cluster.cluster)
     for cmd in shell.COMMANDS:
         cli.add_command(cmd)
 

@@ -97,14 +97,7 @@ class InternalExecutor:
                 kept.append(entry)
             self._heap = kept
             heapq.heapify(self._heap)
-            # A job taken by a thread may not have reserved its files yet, so a plan made in
-            # that window sees them free and proposes the same job again; its files belong to
-            # the running job, so such a job is not queued a second time.
-            busy = {u for r in self._running if r.tablet == tablet for u in r.file_set}
             for files, q in new.items():
-                if files & busy:
-                    q.cancelled.set()
-                    continue
                 if files not in present:
                     q.seq = next(self._seq)
                     heapq.heappush(self._heap, (q.order_key(), q))

@@ -32,13 +32,12 @@ import pyarrow.compute as pc
 from lithify.compaction.iterators import CompactionIterator, load_iterators
 from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, sort_tuple
 from lithify.errors import CompactionCancelledError
+from lithify.files.writer import WORK_MEMORY_POOL
 
 KeyTuple = tuple[bytes, bytes, bytes, bytes, int, bool]
 
-#: Pool for the merge's short-lived buffers. Measured: the system allocator cut the CPU of a
-#: merge by about a third against pyarrow's default mimalloc, which returns freed pages to the
-#: OS quickly, so every round paid to touch fresh memory again.
-MEMORY_POOL: pa.MemoryPool = pa.system_memory_pool()
+#: Pool for the merge's short-lived buffers (see `WORK_MEMORY_POOL`).
+MEMORY_POOL: pa.MemoryPool = WORK_MEMORY_POOL
 
 
 @dataclass(slots=True)
@@ -216,7 +215,9 @@ def _all_empty(col: pa.Array) -> bool:
     if col.null_count or len(col) == 0:
         return False
     off = np.frombuffer(col.buffers()[1], dtype=np.int32, count=2, offset=col.offset * 4)
-    end = np.frombuffer(col.buffers()[1], dtype=np.int32, count=1, offset=(col.offset + len(col)) * 4)
+    end = np.frombuffer(
+        col.buffers()[1], dtype=np.int32, count=1, offset=(col.offset + len(col)) * 4
+    )
     return bool(off[0] == end[0])
 
 

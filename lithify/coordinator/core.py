@@ -44,6 +44,7 @@ from lithify.errors import ConditionalUpdateError, LithifyError, TableNotFoundEr
 from lithify.files.naming import new_file_name, tmp_name
 from lithify.files.storage import Storage
 from lithify.metadata.store import LeaseLostError, MetadataStore, TabletMeta
+from lithify.rpc.wire import extent_to_json
 from lithify.table.properties import (
     Properties,
     iterator_specs,
@@ -82,6 +83,10 @@ _REQUEST_MEMORY = 10000
 _REQUEST_KEEP_S = 3600.0
 #: A compactor counts as "seen" for the metrics if it called within this time.
 _SEEN_WINDOW_S = 300.0
+
+
+class NotActiveError(LithifyError):
+    """This coordinator is not the active one (standby, closed, or stopping)."""
 
 
 # ---------------------------------------------------------------------- configuration
@@ -125,22 +130,6 @@ class CoordinatorConfig:
 
 
 # ---------------------------------------------------------------------- JSON helpers
-
-
-def extent_to_json(e: Extent) -> dict[str, Any]:
-    """EXTENT of the contract: rows as hex, None for unbounded."""
-    return {
-        "table_id": e.table_id,
-        "prev_end_row": None if e.prev_end_row is None else e.prev_end_row.hex(),
-        "end_row": None if e.end_row is None else e.end_row.hex(),
-    }
-
-
-def extent_from_json(d: Mapping[str, Any]) -> Extent:
-    def u(v: str | None) -> bytes | None:
-        return None if v is None else bytes.fromhex(v)
-
-    return Extent(str(d["table_id"]), u(d.get("prev_end_row")), u(d.get("end_row")))
 
 
 def planned_job_from_json(d: Mapping[str, Any]) -> PlannedJob:
@@ -188,8 +177,12 @@ class TserverClient(Protocol):
         iterators: Sequence[Sequence[Any]],
         hints: Mapping[str, str],
         request_id: str,
-    ) -> None:
-        """Start a user compaction whose selection id is `request_id`; return once selected."""
+    ) -> str | None:
+        """Start a user compaction and return once its files are selected.
+
+        Returns the id the tablet server gave the selection (the tablets' `selection.id`);
+        None means it used `request_id`.
+        """
 
     def flush(self, table: str) -> None:
         """Flush the table and return when done."""
@@ -258,6 +251,8 @@ class _Request:
     detector: PhiAccrualDetector | None = None
     #: True once the tablet server made the selection (compaction done = no selection left).
     selected: bool = False
+    #: The id of the tablets' selection (the tablet server's, or the request id).
+    selection_id: str | None = None
     tablets_total: int = 0
     tablets_pending: int = 0
 
@@ -368,7 +363,7 @@ class CompactionCoordinator:
         if self._deposed:
             raise LeaseLostError(f"coordinator epoch {self.epoch} was deposed")
         if self._closed:
-            raise LithifyError("coordinator is closed")
+            raise NotActiveError("coordinator is closed")
 
     def _fenced(self, fn: Callable[[], Any]) -> Any:
         """Run a fenced metadata write; a lost lease deposes this coordinator for good."""
@@ -657,20 +652,8 @@ class CompactionCoordinator:
                 return
             with self._lock:
                 run.state = COMMITTING
-            data: dict[str, Any] = {k: int(result.get(k, 0)) for k in _RESULT_KEYS}
-            data.update(
-                tmp_path=run.tmp_path,
-                output_path=run.output_path,
-                kind=run.kind,
-                queue=run.queue,
-                compactor=run.compactor,
-            )
             try:
-                self._fenced(
-                    lambda: self.meta.put_final_state(
-                        ecid, run.extent.table_id, run.extent, "FINISHED", data, fence=self.fence
-                    )
-                )
+                data = self._put_final_state(run, result)
                 outcome = self._commit_final(ecid, run.extent, data)
             except BaseException:
                 with self._lock:
@@ -681,6 +664,33 @@ class CompactionCoordinator:
                 self._running.pop(ecid, None)
                 self._remember_gone(ecid, None)
                 self._counts["completed" if outcome == "committed" else "cancelled"] += 1
+
+    def _put_final_state(self, run: RunningCompaction, result: Mapping[str, Any]) -> dict[str, Any]:
+        """Commit step 1. The paths sit at the top level of the final state's data, where the
+        garbage collector looks (`MetadataStore.referenced_files`)."""
+        data: dict[str, Any] = {k: int(result.get(k, 0)) for k in _RESULT_KEYS}
+        data.update(
+            tmp_path=run.tmp_path,
+            output_path=run.output_path,
+            kind=run.kind,
+            queue=run.queue,
+            compactor=run.compactor,
+        )
+        self._fenced(
+            lambda: self.meta.put_final_state(
+                run.ecid, run.extent.table_id, run.extent, "FINISHED", data, fence=self.fence
+            )
+        )
+        return data
+
+    def record_final_state(self, ecid: str, result: Mapping[str, Any]) -> dict[str, Any]:
+        """Only step 1 of `finished` (tests use it to stage a crash before the commit)."""
+        self._check_active()
+        with self._lock:
+            run = self._running.get(ecid)
+        if run is None:
+            raise LithifyError(f"compaction {ecid} is not running")
+        return self._put_final_state(run, result)
 
     def failed(self, ecid: str, compactor: str, state: str = "FAILED", error: str = "") -> None:
         """A compaction failed or was cancelled: delete its temporary file, release its files."""
@@ -1014,7 +1024,7 @@ class CompactionCoordinator:
                 return
             start = body.get("start")
             end = body.get("end")
-            tserver.compact(
+            selection_id = tserver.compact(
                 req.table,
                 None if start is None else bytes.fromhex(start),
                 None if end is None else bytes.fromhex(end),
@@ -1023,6 +1033,7 @@ class CompactionCoordinator:
                 req.id,
             )
             with self._lock:
+                req.selection_id = selection_id if isinstance(selection_id, str) else req.id
                 req.selected = True
             self._follow_request(req)
         except Exception as e:  # noqa: BLE001 - reported to the client as FAILED
@@ -1047,7 +1058,8 @@ class CompactionCoordinator:
         except TableNotFoundError:
             self._end_request(req, REQ_FAILED, f"table {req.table!r} was deleted")
             return
-        pending = sum(1 for m in tablets if m.selection and m.selection.get("id") == req.id)
+        sid = req.selection_id
+        pending = sum(1 for m in tablets if m.selection and m.selection.get("id") == sid)
         with self._lock:
             req.tablets_pending = pending
             req.tablets_total = max(req.tablets_total, pending)
@@ -1086,7 +1098,12 @@ class CompactionCoordinator:
                 lambda qj: qj.extent.table_id == req.table_id and qj.job.kind == "USER"
             )
             for run in self._running.values():
-                if run.state == RUNNING and run.kind == "USER" and run.selection_id == req.id:
+                if (
+                    run.state == RUNNING
+                    and run.kind == "USER"
+                    and run.selection_id is not None
+                    and run.selection_id == req.selection_id
+                ):
                     run.state = CANCELLING
                     run.cancel_reason = why
         tserver = self._tserver

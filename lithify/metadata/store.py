@@ -100,6 +100,12 @@ _UPDATE_TABLET = (
     .values({c: bindparam("v_" + c) for c in _TABLET_STATE_COLUMNS})
 )
 _DELETE_TABLET = delete(s.tablets).where(*_MATCH_EXTENT, _MATCH_VERSION)
+#: The epoch check of every fenced write (the coordinator's reservations and commits).
+_SELECT_EPOCH = (
+    select(s.leases.c.epoch)
+    .where(s.leases.c.name == bindparam("l_name"))
+    .with_for_update(read=True)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +212,7 @@ class MetadataStore:
         self._select_tablet = self._prepare(_SELECT_TABLET)
         self._update_tablet = self._prepare(_UPDATE_TABLET)
         self._delete_tablet = self._prepare(_DELETE_TABLET)
+        self._select_epoch = self._prepare(_SELECT_EPOCH)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -362,9 +369,7 @@ class MetadataStore:
         if fence is None:
             return
         name, epoch = fence
-        current = conn.execute(
-            select(s.leases.c.epoch).where(s.leases.c.name == name).with_for_update(read=True)
-        ).scalar_one_or_none()
+        current = self._run(conn, self._select_epoch, {"l_name": name}).scalar_one_or_none()
         if current != epoch:
             raise LeaseLostError(
                 f"lease {name!r}: epoch {epoch} was superseded (current epoch {current})"

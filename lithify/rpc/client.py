@@ -17,7 +17,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lithify.errors import LithifyError
-from lithify.rpc.auth import SECRET_HEADER
+
+#: The header that carries the instance secret. The same as `lithify.rpc.auth.SECRET_HEADER`,
+#: written out rather than imported so that a client needs none of the server's libraries.
+SECRET_HEADER = "X-Lithify-Secret"
 
 
 class RpcError(LithifyError):

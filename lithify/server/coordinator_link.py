@@ -159,7 +159,10 @@ class CoordinatorLink:
             return
         client = self._client()
         if client is None:
-            self._drop(f"no coordinator holds the {COORDINATOR_LEASE!r} lease")
+            if jobs:
+                self._drop(f"no coordinator holds the {COORDINATOR_LEASE!r} lease")
+            # An empty plan needs no coordinator: a coordinator that takes the lease later
+            # starts with empty queues, and every tablet is planned again for it anyway.
             return
         body = {"extent": extent_to_json(extent), "jobs": self._jobs_json(extent, jobs)}
         try:
@@ -200,8 +203,10 @@ class CoordinatorLink:
         self.plans_dropped += 1
         self._dropped = True
         self._warn.warning(
-            "drop", "external compaction plans are not reaching a coordinator (%s); "
-            "periodic planning will send them again", why
+            "drop",
+            "external compaction plans are not reaching a coordinator (%s); "
+            "periodic planning will send them again",
+            why,
         )
 
     # -- the coordinator's address ------------------------------------------------------------

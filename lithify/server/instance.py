@@ -7,6 +7,7 @@ the instance, and read by every process at start; processes find each other thro
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -14,12 +15,14 @@ from pathlib import Path
 
 from lithify.errors import LithifyError
 from lithify.metadata.store import MetadataStore
-from lithify.rpc.auth import SECRET_PROPERTY, new_secret
 
 #: Lease of the tablet server; its holder is the server's base URL.
 TSERVER_LEASE = "tserver"
 #: Lease of the active compaction coordinator; its holder is the coordinator's base URL.
 COORDINATOR_LEASE = "coordinator"
+#: The system property that holds the instance secret (as `lithify.rpc.auth.SECRET_PROPERTY`,
+#: not imported from there so that clients need none of the server's libraries).
+SECRET_PROPERTY = "instance.secret"
 #: How long a tablet server's lease lives without renewal (renewed every third of it).
 TSERVER_LEASE_TTL_S = 10.0
 
@@ -45,6 +48,8 @@ def ensure_secret(meta: MetadataStore) -> str:
     current = meta.get_system_properties().get(SECRET_PROPERTY)
     if current:
         return current
+    from lithify.rpc.auth import new_secret  # servers only: clients need no starlette
+
     meta.set_system_properties({SECRET_PROPERTY: new_secret()})
     stored = meta.get_system_properties().get(SECRET_PROPERTY)
     if not stored:
@@ -70,7 +75,7 @@ def read_secret(meta: MetadataStore, *, wait_s: float = 0.0) -> str:
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port (port 0: any free port), bound before the server starts
     so that the URL it publishes is known and already reachable."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -92,3 +97,12 @@ def lease_holder(meta: MetadataStore, name: str) -> tuple[str | None, int]:
     if info is None:
         return None, 0
     return info.holder, info.epoch
+
+
+def announce(path: str | os.PathLike, url: str) -> None:
+    """Write {"url", "pid"} to `path` atomically, for whoever started this process (its URL
+    is only known once its port is bound)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    tmp.replace(p)

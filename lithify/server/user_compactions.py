@@ -88,13 +88,8 @@ class UserCompactions:
             metas = self._store.meta.tablets(req.table_id)
         except TableNotFoundError:
             metas, req.cancelled = [], True
-        pending = sum(
-            1 for m in metas if m.selection is not None and m.selection.get("id") == ucid
-        )
-        if req.cancelled:
-            state = "CANCELLED"
-        else:
-            state = "RUNNING" if pending else "FINISHED"
+        pending = sum(1 for m in metas if m.selection is not None and m.selection.get("id") == ucid)
+        state = "CANCELLED" if req.cancelled else "RUNNING" if pending else "FINISHED"
         return {
             "id": ucid,
             "table": req.table,
@@ -122,9 +117,7 @@ class UserCompactions:
         Only compactions still selecting files become CANCELLED; finished ones stay FINISHED.
         """
         info = self._store.table_info(table)
-        running = {
-            m.selection.get("id") for m in self._store.meta.tablets(info.id) if m.selection
-        }
+        running = {m.selection.get("id") for m in self._store.meta.tablets(info.id) if m.selection}
         n = self._store.cancel_compaction(table)
         with self._lock:
             for req in self._requests.values():

@@ -247,6 +247,11 @@ class CompactionDriver:
                 return None
         except ReservationError as e:
             log.debug("not compacting %s: %s", tb.extent, e)
+            # The plan that queued this job was made on older metadata (files since reserved,
+            # selected or replaced); plan again on fresh metadata, or work the newer state
+            # needs could wait for the periodic planner.
+            tb.refresh()
+            self._on_committed(tb.extent)
             return None
         output, full = record["output_path"], not record["propagate_deletes"]
         names = [f.path.rsplit("/", 1)[-1] for f in files]
@@ -305,6 +310,9 @@ class CompactionDriver:
             self.totals.record(executor, "cancelled", None)
             tb.mutate(lambda m: reservation.release(m, cid))
             log.info("Cancelled compaction of %s on %s", tb.extent, where)
+            # Its files are free again: a plan made while they were reserved (for example for
+            # a user compaction started after this one was cancelled) may have left them out.
+            self._on_committed(tb.extent)
             raise
         except BaseException:
             self.totals.record(executor, "failed", None)

@@ -229,10 +229,12 @@ class Tablet:
         return sources, files
 
     def _file_batches(self, f: FileRef, rng: RowRange) -> Iterator[pa.RecordBatch]:
+        """Batches of `f` inside its fence and `rng`; the file is open only while iterated."""
         clip = f.fence.intersect(rng)
         if clip.is_empty():
-            return iter(())
-        return SortedFileReader.open(self._ctx.storage, f.path).batches(clip)
+            return
+        with SortedFileReader.open(self._ctx.storage, f.path) as reader:
+            yield from reader.batches(clip)
 
 
 def _inside(table: pa.Table, rng: RowRange) -> pa.Table:

@@ -1,0 +1,505 @@
+"""The coordinator's HTTP API (docs/EXTERNAL_COMPACTIONS.md, "Calls"), a FastAPI app.
+
+Only translation lives here: JSON in, a call on the active `CompactionCoordinator`, JSON out.
+Which coordinator is active changes at runtime (standby, takeover, deposition), so handlers
+reach it through a `CoordinatorHolder`; with none active every compactor, tablet server and
+request call answers 503, which makes callers re-read the lease and retry elsewhere.
+
+`/v1/compactor/next` is a long-poll that costs nothing while it waits: the handler parks on an
+asyncio future of its queue, and queuing a job resolves as many futures as jobs were added
+(`_Waiters`). A generation counter per queue closes the gap between "the queue looked empty" and
+"I am waiting", so a job queued in between is never missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, Field
+
+from lithify.coordinator.core import (
+    CompactionCoordinator,
+    NotActiveError,
+    planned_job_from_json,
+)
+from lithify.errors import LithifyError, TableNotFoundError
+from lithify.metadata.store import LeaseLostError
+from lithify.rpc.auth import SecretMiddleware
+from lithify.rpc.wire import extent_from_json
+
+log = logging.getLogger(__name__)
+
+#: Longest long-poll a compactor may ask for (it asks again afterwards).
+MAX_WAIT_S = 300.0
+#: Rounds of "try to reserve, then wait" one long-poll may go through (a bound, not a target).
+_MAX_ROUNDS = 10000
+
+
+# ---------------------------------------------------------------------- active coordinator
+
+
+class CoordinatorHolder:
+    """The active coordinator of this process, or None while standing by."""
+
+    def __init__(self) -> None:
+        self._core: CompactionCoordinator | None = None
+        self._lock = threading.Lock()
+        self._on_change: list[Callable[[CompactionCoordinator | None], None]] = []
+        self._on_lost: list[Callable[[CompactionCoordinator], None]] = []
+
+    @property
+    def core(self) -> CompactionCoordinator | None:
+        core = self._core
+        return core if core is not None and core.active else None
+
+    def require(self) -> CompactionCoordinator:
+        core = self.core
+        if core is None:
+            raise NotActiveError("this coordinator is not active")
+        return core
+
+    def activate(self, core: CompactionCoordinator) -> None:
+        with self._lock:
+            self._core = core
+        for fn in self._on_change:
+            fn(core)
+
+    def deactivate(self) -> CompactionCoordinator | None:
+        """Stop routing calls to the core (the caller closes it); waiting long-polls wake."""
+        with self._lock:
+            core, self._core = self._core, None
+        for fn in self._on_change:
+            fn(None)
+        return core
+
+    def lease_lost(self, core: CompactionCoordinator) -> None:
+        """A handler saw LeaseLostError: tell the process (it goes back to standby)."""
+        core.depose()
+        for fn in self._on_lost:
+            fn(core)
+
+    def on_change(self, fn: Callable[[CompactionCoordinator | None], None]) -> None:
+        self._on_change.append(fn)
+
+    def on_lease_lost(self, fn: Callable[[CompactionCoordinator], None]) -> None:
+        self._on_lost.append(fn)
+
+
+# ---------------------------------------------------------------------- models
+
+
+class ExtentModel(BaseModel):
+    table_id: str
+    prev_end_row: str | None = None
+    end_row: str | None = None
+
+
+class PlanJobModel(BaseModel):
+    files: list[dict[str, Any]] = Field(min_length=1)
+    executor: str
+    priority: int
+    kind: Literal["SYSTEM", "USER"] = "SYSTEM"
+
+
+class PlanRequest(BaseModel):
+    extent: ExtentModel
+    jobs: list[PlanJobModel] = []
+
+
+class PlanResponse(BaseModel):
+    queued: int
+
+
+class CancelRequest(BaseModel):
+    table_id: str
+    extents: list[ExtentModel] | None = None
+    kind: Literal["SYSTEM", "USER"] | None = None
+
+
+class CancelResponse(BaseModel):
+    cancelled: int
+
+
+class NextRequest(BaseModel):
+    queue: str = Field(min_length=1)
+    compactor: str = Field(min_length=1)
+    address: str | None = None
+    ecid: str = Field(min_length=1)
+    wait_s: float = 0.0
+
+
+class NextResponse(BaseModel):
+    job: dict[str, Any] | None
+
+
+class StatusRequest(BaseModel):
+    ecid: str
+    compactor: str
+    state: str = "IN_PROGRESS"
+    entries_read: int = 0
+    entries_written: int = 0
+
+
+class StatusResponse(BaseModel):
+    cancel: bool
+
+
+class ResultModel(BaseModel):
+    entries_read: int = 0
+    entries_written: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+class FinishedRequest(BaseModel):
+    ecid: str
+    compactor: str
+    result: ResultModel
+
+
+class FailedRequest(BaseModel):
+    ecid: str
+    compactor: str
+    state: Literal["FAILED", "CANCELLED"] = "FAILED"
+    error: str = ""
+
+
+class AckResponse(BaseModel):
+    ack: bool = True
+
+
+class SubmitRequest(BaseModel):
+    op: Literal["compact", "flush"]
+    table: str
+    start: str | None = None
+    end: str | None = None
+    iterators: list[Any] = []
+    hints: dict[str, str] = {}
+    client: str = ""
+    nonce: str = ""
+    cancel_on_client_loss: bool = False
+
+
+class SubmitResponse(BaseModel):
+    id: str
+    tick_s: float
+
+
+class RequestStateResponse(BaseModel):
+    state: str
+    tick_s: float
+    progress: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------------- long-poll support
+
+
+class _Waiters:
+    """Long-polls parked per queue; lives on the event loop thread only."""
+
+    def __init__(self) -> None:
+        self.generation: defaultdict[str, int] = defaultdict(int)
+        self._waiting: defaultdict[str, deque[asyncio.Future[bool]]] = defaultdict(deque)
+
+    def notify(self, queue: str, n: int) -> None:
+        """Jobs were queued: wake up to `n` waiters of `queue`, oldest first."""
+        self.generation[queue] += 1
+        dq = self._waiting.get(queue)
+        while n > 0 and dq:
+            fut = dq.popleft()
+            if not fut.done():
+                fut.set_result(True)
+                n -= 1
+
+    def notify_all(self) -> None:
+        """Wake every waiter (the coordinator stopped being active: they must answer 503)."""
+        for queue, dq in self._waiting.items():
+            self.generation[queue] += 1
+            while dq:
+                fut = dq.popleft()
+                if not fut.done():
+                    fut.set_result(True)
+
+    async def wait(self, queue: str, timeout: float) -> bool:
+        """Park until woken or `timeout`; returns whether woken."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        dq = self._waiting[queue]
+        dq.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            return False
+        except asyncio.CancelledError:
+            # Woken, then the request died (client gone, server stopping): pass the wake-up
+            # on, or the job it announced would wait for the next poll.
+            if fut.done() and not fut.cancelled():
+                self.notify(queue, 1)
+            raise
+        finally:
+            if not fut.done():
+                fut.cancel()
+            with contextlib.suppress(ValueError):
+                dq.remove(fut)
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+class CoordinatorCollector(Collector):
+    """Prometheus series of the coordinator, read from the active core at scrape time."""
+
+    def __init__(self, holder: CoordinatorHolder) -> None:
+        self._holder = holder
+
+    def collect(self) -> Iterator[Metric]:
+        core = self._holder.core
+        active = GaugeMetricFamily(
+            "lithify_coordinator_active", "1 when this process is the active coordinator"
+        )
+        active.add_metric([], 1.0 if core is not None else 0.0)
+        yield active
+        if core is None:
+            return
+        m = core.metrics()
+        epoch = GaugeMetricFamily("lithify_coordinator_epoch", "epoch of the coordinator lease")
+        epoch.add_metric([], m.epoch)
+        yield epoch
+        depth = GaugeMetricFamily(
+            "lithify_coordinator_queued", "jobs waiting per external queue", labels=["queue"]
+        )
+        age = GaugeMetricFamily(
+            "lithify_coordinator_queue_oldest_age_seconds",
+            "age of the oldest queued job per external queue",
+            labels=["queue"],
+        )
+        queued = CounterMetricFamily(
+            "lithify_coordinator_jobs_queued", "jobs queued per external queue", labels=["queue"]
+        )
+        dequeued = CounterMetricFamily(
+            "lithify_coordinator_jobs_dequeued",
+            "jobs taken from each external queue",
+            labels=["queue"],
+        )
+        rejected = CounterMetricFamily(
+            "lithify_coordinator_jobs_rejected",
+            "jobs rejected because an external queue was full",
+            labels=["queue"],
+        )
+        running_q = GaugeMetricFamily(
+            "lithify_coordinator_running_by_queue",
+            "external compactions running per queue",
+            labels=["queue"],
+        )
+        for name, st in sorted(m.queues.items()):
+            depth.add_metric([name], st.depth)
+            age.add_metric([name], st.oldest_age_s)
+            queued.add_metric([name], st.queued)
+            dequeued.add_metric([name], st.dequeued)
+            rejected.add_metric([name], st.rejected)
+        for name, n in sorted(m.running_by_queue.items()):
+            running_q.add_metric([name], n)
+        yield from (depth, age, queued, dequeued, rejected, running_q)
+        running = GaugeMetricFamily("lithify_coordinator_running", "external compactions running")
+        running.add_metric([], m.running)
+        seen = GaugeMetricFamily(
+            "lithify_coordinator_compactors_seen", "compactors heard from in the last 5 minutes"
+        )
+        seen.add_metric([], m.compactors_seen)
+        yield from (running, seen)
+        for key, value, text in (
+            ("completed", m.completed, "external compactions committed"),
+            ("failed", m.failed, "external compactions failed"),
+            ("cancelled", m.cancelled, "external compactions cancelled"),
+            ("stale_dropped", m.stale_dropped, "queued jobs dropped because the tablet changed"),
+        ):
+            c = CounterMetricFamily(f"lithify_coordinator_compactions_{key}", text)
+            c.add_metric([], value)
+            yield c
+        req = GaugeMetricFamily(
+            "lithify_coordinator_requests", "async requests known, by state", labels=["state"]
+        )
+        for state, n in sorted(m.requests.items()):
+            req.add_metric([state], n)
+        yield req
+
+
+# ---------------------------------------------------------------------- the app
+
+
+def create_app(holder: CoordinatorHolder, secret: str) -> FastAPI:
+    """The coordinator's FastAPI app; every path but the API description needs the secret."""
+    app = FastAPI(title="lithify compaction coordinator", version="1")
+    app.add_middleware(SecretMiddleware, secret=secret)
+    waiters = _Waiters()
+    loop_box: dict[str, asyncio.AbstractEventLoop] = {}
+    registry = CollectorRegistry()
+    registry.register(CoordinatorCollector(holder))
+
+    def remember_loop() -> None:
+        if "loop" not in loop_box:
+            loop_box["loop"] = asyncio.get_running_loop()
+
+    def on_queued(added: Mapping[str, int]) -> None:
+        loop = loop_box.get("loop")
+        if loop is None:
+            return  # no request was ever served: nobody can be waiting
+        for queue, n in added.items():
+            loop.call_soon_threadsafe(waiters.notify, queue, n)
+
+    def on_change(core: CompactionCoordinator | None) -> None:
+        if core is not None:
+            core.add_listener(on_queued)
+        loop = loop_box.get("loop")
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(waiters.notify_all)
+
+    holder.on_change(on_change)
+    if holder.core is not None:
+        holder.core.add_listener(on_queued)
+
+    # -- errors -------------------------------------------------------------------------------
+
+    @app.exception_handler(NotActiveError)
+    async def _not_active(_: Request, e: NotActiveError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=503)
+
+    @app.exception_handler(LeaseLostError)
+    async def _lease_lost(_: Request, e: LeaseLostError) -> JSONResponse:
+        core = holder._core
+        if core is not None:
+            holder.lease_lost(core)
+        return JSONResponse({"detail": f"coordinator deposed: {e}"}, status_code=503)
+
+    @app.exception_handler(TableNotFoundError)
+    async def _no_table(_: Request, e: TableNotFoundError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=404)
+
+    @app.exception_handler(ValueError)
+    async def _bad_value(_: Request, e: ValueError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=422)
+
+    @app.exception_handler(LithifyError)
+    async def _lithify(_: Request, e: LithifyError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=500)
+
+    # -- tablet server -> coordinator ---------------------------------------------------------
+
+    @app.post("/v1/queues/plan")
+    async def plan(body: PlanRequest) -> PlanResponse:
+        remember_loop()
+        core = holder.require()
+        extent = extent_from_json(body.extent.model_dump())
+        jobs = [planned_job_from_json(j.model_dump()) for j in body.jobs]
+        return PlanResponse(queued=core.plan(extent, jobs))
+
+    @app.post("/v1/cancel")
+    async def cancel(body: CancelRequest) -> CancelResponse:
+        core = holder.require()
+        extents = (
+            None
+            if body.extents is None
+            else [extent_from_json(e.model_dump()) for e in body.extents]
+        )
+        return CancelResponse(cancelled=core.cancel(body.table_id, extents, body.kind))
+
+    # -- compactor -> coordinator -------------------------------------------------------------
+
+    @app.post("/v1/compactor/next", response_model=NextResponse)
+    async def next_job(body: NextRequest) -> Response:
+        remember_loop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, min(body.wait_s, MAX_WAIT_S))
+        queue = body.queue
+        for _ in range(_MAX_ROUNDS):
+            core = holder.require()
+            generation = waiters.generation[queue]
+            if core.has_work(queue, body.ecid):
+                job = await run_in_threadpool(
+                    core.next_job, queue, body.compactor, body.address, body.ecid
+                )
+                if job is not None:
+                    if core.queue_depth(queue) > 0:
+                        waiters.notify(queue, 1)  # more work: hand the baton on
+                    # Built by the core from plain JSON types: no need to validate it again.
+                    return JSONResponse({"job": job})
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            if waiters.generation[queue] != generation:
+                continue  # something was queued while we looked
+            await waiters.wait(queue, remaining)
+        holder.require()
+        return JSONResponse({"job": None})
+
+    @app.post("/v1/compactor/status")
+    def status(body: StatusRequest) -> StatusResponse:
+        core = holder.require()
+        cancel = core.status(
+            body.ecid, body.compactor, body.state, body.entries_read, body.entries_written
+        )
+        return StatusResponse(cancel=cancel)
+
+    @app.post("/v1/compactor/finished")
+    def finished(body: FinishedRequest) -> AckResponse:
+        core = holder.require()
+        core.finished(body.ecid, body.compactor, body.result.model_dump())
+        return AckResponse()
+
+    @app.post("/v1/compactor/failed")
+    def failed(body: FailedRequest) -> AckResponse:
+        core = holder.require()
+        core.failed(body.ecid, body.compactor, body.state, body.error)
+        return AckResponse()
+
+    # -- async requests -----------------------------------------------------------------------
+
+    @app.post("/v1/requests")
+    def submit(body: SubmitRequest) -> SubmitResponse:
+        core = holder.require()
+        rid, tick = core.submit_request(body.model_dump())
+        return SubmitResponse(id=rid, tick_s=tick)
+
+    @app.get("/v1/requests/{rid}")
+    def request_status(rid: str) -> RequestStateResponse:
+        core = holder.require()
+        return RequestStateResponse(**core.request_status(rid))
+
+    @app.delete("/v1/requests/{rid}")
+    def cancel_request(rid: str) -> RequestStateResponse:
+        core = holder.require()
+        return RequestStateResponse(**core.cancel_request(rid))
+
+    # -- observation --------------------------------------------------------------------------
+
+    @app.get("/v1/coordinator")
+    def describe() -> dict[str, Any]:
+        """Not in the contract: who is active, queue depths and the running compactions."""
+        core = holder.core
+        if core is None:
+            return {"active": False}
+        m = core.metrics()
+        return {
+            "active": True,
+            "epoch": core.epoch,
+            "queues": {name: st.depth for name, st in sorted(m.queues.items())},
+            "running": core.running(),
+        }
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    return app
