@@ -649,6 +649,11 @@ class Store:
     def memory_bytes(self) -> int:
         return sum(tb.memory_bytes for tbs in self._all_tablet_lists() for tb in tbs)
 
+    def flush_totals(self) -> dict[str, int]:
+        """Files, entries and bytes written by flushes since the store opened (the denominator
+        of write amplification; `compactions.totals` has the compaction side)."""
+        return self._ctx.flushes.snapshot()
+
     def flush_stats(self) -> tuple[int, int]:
         """(queued, running) flushes."""
         with self._lock:

@@ -571,6 +571,12 @@ def test_dead_compactor_is_failed_and_its_files_freed(env: Env) -> None:
     assert core.status("e1", "c1", "IN_PROGRESS") is True  # if it comes back: stop
     plan_all(core, m)
     assert core.next_job("q", "c2", "http://compactor-2", "e2") is not None
+    # It was only partitioned away and finishes after all: its result is nobody's.
+    result = compact_as_compactor(env.storage, job)
+    core.finished("e1", "c1", result)
+    assert not env.storage.exists(job["tmp_path"])
+    assert not env.storage.exists(job["output_path"])
+    assert {f.path for f in tablet(env, m.extent).files} == {f.path for f in m.files}
 
 
 def test_silent_compactor_that_still_runs_the_ecid_is_kept(env: Env) -> None:
@@ -764,7 +770,7 @@ def test_request_submit_is_idempotent_and_finishes_from_metadata(env: Env) -> No
     assert (rid, tick) == (request_id(compact_body()), 1.0)
     assert core.submit_request(compact_body())[0] == rid
     assert request_id(compact_body(nonce="n2")) != rid
-    wait_for(lambda: core.request_status(rid)["progress"]["selected"])
+    wait_for(lambda: core.request_status(rid)["progress"]["selection_made"])
     calls = [c for c in ts.calls if c[0] == "compact"]
     assert len(calls) == 1  # the retry did not start a second compaction
     assert calls[0][1:] == ("t", None, None, [], {"compaction_type": "big"})
@@ -778,12 +784,28 @@ def test_request_submit_is_idempotent_and_finishes_from_metadata(env: Env) -> No
     assert core.cancel_request("no-such-id")["state"] == NOT_SUBMITTED
 
 
+def test_request_finishes_when_its_passes_commit(env: Env) -> None:
+    _, (m,) = table_with_files(env)
+    core = env.core(tserver=FakeTserver(env.meta))
+    rid, _ = core.submit_request(compact_body())
+    wait_for(lambda: core.request_status(rid)["progress"]["selection_made"])
+    m = tablet(env, m.extent)
+    plan_all(core, m, kind="USER", priority=100)
+    job = core.next_job("q", "c1", None, "e1")
+    core.finished("e1", "c1", compact_as_compactor(env.storage, job))
+    st = core.request_status(rid)
+    assert st["state"] == "FINISHED"
+    p = st["progress"]
+    assert (p["selected"], p["tablets_total"], p["tablets_pending"]) == (3, 1, 0)
+    assert p["entries_written"] == 15 and p["bytes_written"] > 0
+
+
 def test_request_cancel(env: Env) -> None:
     table_with_files(env)
     ts = FakeTserver(env.meta)
     core = env.core(tserver=ts)
     rid, _ = core.submit_request(compact_body())
-    wait_for(lambda: core.request_status(rid)["progress"]["selected"])
+    wait_for(lambda: core.request_status(rid)["progress"]["selection_made"])
     assert core.cancel_request(rid)["state"] == "CANCELLED"
     wait_for(lambda: ("cancel", "t") in ts.calls)
     assert core.request_status(rid)["state"] == "CANCELLED"
@@ -796,8 +818,8 @@ def test_request_cancelled_when_its_client_stops_polling(env: Env) -> None:
     core = env.core(tserver=ts)
     keep, _ = core.submit_request(compact_body(cancel_on_client_loss=True, table="t"))
     lose, _ = core.submit_request(compact_body(cancel_on_client_loss=True, table="u"))
-    wait_for(lambda: core.request_status(lose)["progress"]["selected"])
-    wait_for(lambda: core.request_status(keep)["progress"]["selected"])
+    wait_for(lambda: core.request_status(lose)["progress"]["selection_made"])
+    wait_for(lambda: core.request_status(keep)["progress"]["selection_made"])
     for _ in range(10):
         env.clock.advance(1.0)
         core.request_status(keep)  # this client keeps polling every tick

@@ -122,6 +122,9 @@ class History:
     next_batch: int = 0
     kills: int = 0
     kills_inside_op: int = 0
+    #: Batches in flight at a kill found after recovery: wholly, and in part (some mutations).
+    in_flight_whole: int = 0
+    in_flight_partial: int = 0
 
 
 def setup_store(path: Path, *, durability: str = "flush") -> None:
@@ -209,6 +212,13 @@ def verify(path: Path, hist: History) -> int:
             f"acknowledged batch {batch} lost mutations "
             f"{sorted(set(range(cc.MUTATIONS)) - rows_by_batch.get(batch, set()))}"
         )
+    for batch in hist.in_flight - hist.acked:
+        got = rows_by_batch.get(batch, set())
+        if got and batch == max(hist.in_flight):
+            if len(got) == cc.MUTATIONS:
+                hist.in_flight_whole += 1
+            else:
+                hist.in_flight_partial += 1
     lost = hist.seen_rows - set(found)
     assert not lost, f"rows found by an earlier recovery are gone: {sorted(lost)[:5]}"
     hist.seen_rows = set(found)

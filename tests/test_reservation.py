@@ -276,7 +276,9 @@ step = st.one_of(
     st.tuples(st.just("delete"), row_ids, st.sampled_from("ab")),
     st.tuples(st.just("flush")),
     st.tuples(st.just("flush")),
-    st.tuples(st.just("compact_files"), st.integers(0, 3), st.integers(2, 4)),
+    st.tuples(
+        st.just("compact_files"), st.integers(0, 3), st.one_of(st.integers(2, 4), st.just(-1))
+    ),
     st.tuples(st.just("user"), st.integers(0, ROWS - 1), st.integers(0, ROWS - 1)),
     st.tuples(st.just("cancel")),
     # Several small flushes in a row: more files than maxOpen, so partial compactions happen.
@@ -313,6 +315,7 @@ def run_example(store: lithify.Store, ops: list[tuple]) -> dict[tuple[bytes, byt
     futures: list[Future] = []
 
     def direct(tablet: int, n: int) -> None:
+        """Compact the `n` smallest files of a tablet now (n = -1: all but the largest)."""
         tb = store.tablets("t")[tablet]
         files = sorted(tb.files, key=lambda f: (f.size, f.path))[:n]
         if len(files) >= 2:
@@ -351,6 +354,8 @@ def run_example(store: lithify.Store, ops: list[tuple]) -> dict[tuple[bytes, byt
                     )
                     model.update({(row(r), b"a"): value.encode() for r in rows})
                     store.flush("t")
+                for tablet in range(len(SPLITS) + 1):
+                    futures.append(pool.submit(direct, tablet, -1))
             elif kind == "compact_files":
                 futures.append(pool.submit(direct, op[1], op[2]))
             elif kind == "user":

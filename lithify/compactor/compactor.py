@@ -132,6 +132,7 @@ class Compactor:
         self._stop_time = 0.0
         self._clients: dict[str, RpcClient] = {}
         self._job: _Job | None = None
+        self._timing = Timing(1.0, 300.0, 30.0)  # the defaults, until the properties are read
         self._timing = self._read_timing()
         self.completed = 0
         self.failed = 0
@@ -186,7 +187,7 @@ class Compactor:
             grace = props.get_duration("compactor.cancel.grace")
         except Exception as e:
             log.warning("cannot read compactor properties (%s); using defaults", e)
-            return getattr(self, "_timing", None) or Timing(1.0, 300.0, 30.0)
+            return self._timing
         return Timing(max(0.01, lo), max(lo, hi), grace)
 
     # -- the coordinator ----------------------------------------------------------------------

@@ -13,11 +13,16 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from lithify.compactor.compactor import Compactor
 from lithify.files.storage import Storage
@@ -44,7 +49,39 @@ def create_app(compactor: Compactor, secret: str) -> FastAPI:
     def status() -> dict[str, Any]:
         return {**compactor.state(), "pid": os.getpid(), "address": compactor.address}
 
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(_exposition(compactor), media_type="text/plain; version=0.0.4")
+
     return app
+
+
+def _exposition(compactor: Compactor) -> bytes:
+    """Prometheus text: busy or idle, jobs by outcome, progress of the current job."""
+    st = compactor.state()
+    labels = ["queue", "compactor"]
+    values = [compactor.queue, compactor.id]
+    busy = GaugeMetricFamily("lithify_compactor_busy", "1 while a job runs", labels=labels)
+    busy.add_metric(values, 1 if st["ecid"] else 0)
+    jobs = CounterMetricFamily(
+        "lithify_compactor_jobs", "jobs run, by outcome", labels=[*labels, "outcome"]
+    )
+    for outcome in ("completed", "failed", "cancelled"):
+        jobs.add_metric([*values, outcome], st[outcome])
+    progress = GaugeMetricFamily(
+        "lithify_compactor_entries", "entries of the current job", labels=[*labels, "what"]
+    )
+    progress.add_metric([*values, "read"], st["entries_read"])
+    progress.add_metric([*values, "written"], st["entries_written"])
+    families = [busy, jobs, progress]
+
+    class _Collector(Collector):
+        def collect(self) -> Iterator[Metric]:
+            yield from families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector())
+    return generate_latest(registry)
 
 
 def run_compactor(

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Longest long-poll a compactor may ask for (it asks again afterwards).
 MAX_WAIT_S = 300.0
+#: Threads that run reservations for long-polls.
+RESERVE_THREADS = 4
 #: Rounds of "try to reserve, then wait" one long-poll may go through (a bound, not a target).
 _MAX_ROUNDS = 10000
 
@@ -344,27 +347,34 @@ def create_app(holder: CoordinatorHolder, secret: str) -> FastAPI:
     app = FastAPI(title="lithify compaction coordinator", version="1")
     app.add_middleware(SecretMiddleware, secret=secret)
     waiters = _Waiters()
+    # Reservations get threads of their own: a few, since on SQLite they queue for the write
+    # lock anyway, and a small pool hands work over faster than the general one (no capacity
+    # limiter, no cancel scopes) and keeps heartbeats from waiting behind a burst of them.
+    reserve_pool = ThreadPoolExecutor(max_workers=RESERVE_THREADS, thread_name_prefix="reserve")
+    report_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="status-lookup")
     loop_box: dict[str, asyncio.AbstractEventLoop] = {}
     registry = CollectorRegistry()
     registry.register(CoordinatorCollector(holder))
 
     def remember_loop() -> None:
-        if "loop" not in loop_box:
-            loop_box["loop"] = asyncio.get_running_loop()
+        # The loop serving requests now (a restarted server runs a new one).
+        loop_box["loop"] = asyncio.get_running_loop()
 
     def on_queued(added: Mapping[str, int]) -> None:
         loop = loop_box.get("loop")
-        if loop is None:
-            return  # no request was ever served: nobody can be waiting
+        if loop is None or loop.is_closed():
+            return  # no request is being served: nobody can be waiting
         for queue, n in added.items():
-            loop.call_soon_threadsafe(waiters.notify, queue, n)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(waiters.notify, queue, n)
 
     def on_change(core: CompactionCoordinator | None) -> None:
         if core is not None:
             core.add_listener(on_queued)
         loop = loop_box.get("loop")
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(waiters.notify_all)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(waiters.notify_all)
 
     holder.on_change(on_change)
     if holder.core is not None:
@@ -427,8 +437,8 @@ def create_app(holder: CoordinatorHolder, secret: str) -> FastAPI:
             core = holder.require()
             generation = waiters.generation[queue]
             if core.has_work(queue, body.ecid):
-                job = await run_in_threadpool(
-                    core.next_job, queue, body.compactor, body.address, body.ecid
+                job = await loop.run_in_executor(
+                    reserve_pool, core.next_job, queue, body.compactor, body.address, body.ecid
                 )
                 if job is not None:
                     if core.queue_depth(queue) > 0:
@@ -444,13 +454,16 @@ def create_app(holder: CoordinatorHolder, secret: str) -> FastAPI:
         holder.require()
         return JSONResponse({"job": None})
 
-    @app.post("/v1/compactor/status")
-    def status(body: StatusRequest) -> StatusResponse:
+    @app.post("/v1/compactor/status", response_model=StatusResponse)
+    async def status(body: StatusRequest) -> Response:
         core = holder.require()
-        cancel = core.status(
-            body.ecid, body.compactor, body.state, body.entries_read, body.entries_written
-        )
-        return StatusResponse(cancel=cancel)
+        args = (body.ecid, body.compactor, body.state, body.entries_read, body.entries_written)
+        # Heartbeats of known compactions touch only memory: answered on the loop itself.
+        cancel = core.status(*args, lookup=False)
+        if cancel is None:
+            loop = asyncio.get_running_loop()
+            cancel = await loop.run_in_executor(report_pool, functools.partial(core.status, *args))
+        return JSONResponse({"cancel": bool(cancel)})
 
     @app.post("/v1/compactor/finished")
     def finished(body: FinishedRequest) -> AckResponse:

@@ -25,6 +25,7 @@ store, the storage layer and the reservation rules of the tablet package.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,7 +44,7 @@ from lithify.data.ranges import Extent, FileRef
 from lithify.errors import ConditionalUpdateError, LithifyError, TableNotFoundError
 from lithify.files.naming import new_file_name, tmp_name
 from lithify.files.storage import Storage
-from lithify.metadata.store import LeaseLostError, MetadataStore, TabletMeta
+from lithify.metadata.store import LeaseLostError, MetadataStore, TableInfo, TabletMeta
 from lithify.rpc.wire import extent_to_json
 from lithify.table.properties import (
     Properties,
@@ -83,6 +84,10 @@ _REQUEST_MEMORY = 10000
 _REQUEST_KEEP_S = 3600.0
 #: A compactor counts as "seen" for the metrics if it called within this time.
 _SEEN_WINDOW_S = 300.0
+_SEEN_MEMORY = 4096
+#: Above this many running compactions of one table, the check reads the whole table once
+#: instead of each tablet.
+_CHECK_WHOLE_TABLE = 32
 
 
 class NotActiveError(LithifyError):
@@ -255,6 +260,11 @@ class _Request:
     selection_id: str | None = None
     tablets_total: int = 0
     tablets_pending: int = 0
+    #: Files selected when the selection was first seen, and what committed passes did.
+    files_selected: int = 0
+    entries_read: int = 0
+    entries_written: int = 0
+    bytes_written: int = 0
 
 
 @dataclass
@@ -324,7 +334,8 @@ class CompactionCoordinator:
         self._lock = threading.RLock()
         self._ecid_locks = [threading.Lock() for _ in range(_ECID_LOCK_STRIPES)]
         # SQLite serialises writers with a busy-wait that sleeps in steps of milliseconds;
-        # queueing reservations on a lock in this process instead keeps them back to back.
+        # queueing the reservations' writes on a lock in this process keeps them back to back
+        # (their reads need no lock: WAL readers never wait).
         self._reserve_lock = threading.Lock() if meta.dialect == "sqlite" else None
         self._queues = ExternalQueues(self.config.queue_max)
         self._running: dict[str, RunningCompaction] = {}
@@ -451,7 +462,7 @@ class CompactionCoordinator:
             raise ValueError(f"invalid ECID {ecid!r}")
         now = self._clock()
         with self._lock:
-            self._seen[compactor] = now
+            self._saw(compactor, now)
             known = self._running.get(ecid)
             if known is not None:
                 return known.job if known.compactor == compactor else None
@@ -485,10 +496,21 @@ class CompactionCoordinator:
             hit = self._props.get(table_id)
         if hit is not None and hit[0] > now:
             return hit[1]
-        props = table_properties(self.meta.get_table(table_id).properties)
+        props = table_properties(self._table_by_id(table_id).properties)
         with self._lock:
             self._props[table_id] = (now + self.config.table_props_ttl_s, props)
         return props
+
+    def _table_by_id(self, table_id: str) -> TableInfo:
+        """`get_table` looks names up first; make sure a table *named* like this id does not
+        answer in place of the table that has it."""
+        info = self.meta.get_table(table_id)
+        if info.id == table_id:
+            return info
+        for t in self.meta.list_tables():
+            if t.id == table_id:
+                return t
+        raise TableNotFoundError(f"table id {table_id!r} does not exist")
 
     def _reserve(
         self, qj: QueuedJob, compactor: str, address: str | None, ecid: str
@@ -538,15 +560,7 @@ class CompactionCoordinator:
             return _reserve_checked(m, ecid, files, record)
 
         try:
-            if self._reserve_lock is not None:
-                with self._reserve_lock:
-                    new = self._fenced(
-                        lambda: self.meta.mutate_tablet(extent, reserve, fence=self.fence)
-                    )
-            else:
-                new = self._fenced(
-                    lambda: self.meta.mutate_tablet(extent, reserve, fence=self.fence)
-                )
+            new = self._fenced(lambda: self._cas(extent, reserve))
         except ReservationError as e:
             log.debug("dropping stale job of %s: %s", extent, e)
             return None
@@ -594,16 +608,44 @@ class CompactionCoordinator:
         )
         with self._lock:
             self._running[ecid] = run
-        log.info(
-            "Reserved %s on %s for %s from %s (ecid %s, compactor %s)",
-            extent,
-            qj.queue,
-            kind,
-            [f.path.rsplit("/", 1)[-1] for f in files],
-            ecid,
-            compactor,
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "Reserved %s on %s for %s from %s (ecid %s, compactor %s)",
+                extent,
+                qj.queue,
+                kind,
+                [f.path.rsplit("/", 1)[-1] for f in files],
+                ecid,
+                compactor,
+            )
         return run
+
+    def _cas(
+        self, extent: Extent, fn: Callable[[TabletMeta], TabletMeta], attempts: int = 20
+    ) -> TabletMeta | None:
+        """Read, apply `fn`, write conditionally and fenced; re-read on a conflict.
+
+        Like `MetadataStore.mutate_tablet`, but only the write waits for `_reserve_lock`, so
+        the reads of concurrent reservations overlap the write in progress (WAL readers never
+        block), and a conflict is retried at once: the reservation path has no reason to back
+        off, since its only competitor is the tablet server's occasional update.
+        """
+        last: ConditionalUpdateError | None = None
+        for _ in range(attempts):
+            current = self.meta.get_tablet(extent)
+            if current is None:
+                return None
+            wanted = fn(current)
+            try:
+                if self._reserve_lock is None:
+                    return self.meta.update_tablet(current, wanted, fence=self.fence)
+                with self._reserve_lock:
+                    return self.meta.update_tablet(current, wanted, fence=self.fence)
+            except LeaseLostError:
+                raise
+            except ConditionalUpdateError as e:
+                last = e
+        raise ConditionalUpdateError(f"tablet {extent}: {attempts} conflicting updates ({last})")
 
     # -- reports (compactor -> coordinator) ---------------------------------------------------
 
@@ -614,12 +656,19 @@ class CompactionCoordinator:
         state: str,
         entries_read: int = 0,
         entries_written: int = 0,
-    ) -> bool:
-        """A status report (also the heartbeat); returns whether the compactor must stop."""
+        *,
+        lookup: bool = True,
+    ) -> bool | None:
+        """A status report (also the heartbeat); returns whether the compactor must stop.
+
+        An ECID this coordinator does not know is looked up in the metadata (adopted if it is
+        recorded there, else the compactor is told to stop); with `lookup=False` the answer is
+        None instead, so an event loop can answer the usual case without leaving its thread.
+        """
         self._check_active()
         now = self._clock()
         with self._lock:
-            self._seen[compactor] = now
+            self._saw(compactor, now)
             run = self._running.get(ecid)
             if run is not None:
                 run.detector.heartbeat(now)
@@ -629,6 +678,8 @@ class CompactionCoordinator:
                 return run.state == CANCELLING
             if ecid in self._gone:
                 return True
+        if not lookup:
+            return None
         run = self._adopt_unknown(ecid)
         return run is None
 
@@ -640,14 +691,19 @@ class CompactionCoordinator:
         """
         self._check_active()
         with self._lock:
-            self._seen[compactor] = self._clock()
+            self._saw(compactor, self._clock())
         with self._ecid_lock(ecid):
             with self._lock:
                 run = self._running.get(ecid)
                 gone = ecid in self._gone
+                tmp = self._gone.get(ecid)
             if run is None and not gone:
                 run = self._adopt_unknown(ecid)
             if run is None:
+                # Committed already (a repeat), or failed meanwhile (judged dead, cancelled):
+                # then its output is nobody's and its temporary file can go.
+                if tmp:
+                    self.storage.delete(tmp)
                 log.debug("finished report for unknown ECID %s: nothing to do", ecid)
                 return
             with self._lock:
@@ -664,6 +720,8 @@ class CompactionCoordinator:
                 self._running.pop(ecid, None)
                 self._remember_gone(ecid, None)
                 self._counts["completed" if outcome == "committed" else "cancelled"] += 1
+                if outcome == "committed" and run.kind == "USER" and run.selection_id:
+                    self._count_user_pass(run.selection_id, data)
 
     def _put_final_state(self, run: RunningCompaction, result: Mapping[str, Any]) -> dict[str, Any]:
         """Commit step 1. The paths sit at the top level of the final state's data, where the
@@ -696,7 +754,7 @@ class CompactionCoordinator:
         """A compaction failed or was cancelled: delete its temporary file, release its files."""
         self._check_active()
         with self._lock:
-            self._seen[compactor] = self._clock()
+            self._saw(compactor, self._clock())
         with self._ecid_lock(ecid):
             with self._lock:
                 run = self._running.get(ecid)
@@ -728,6 +786,21 @@ class CompactionCoordinator:
             self._remember_gone(run.ecid, run.tmp_path)
             self._counts[outcome] += 1
         self._notify_tserver([run.extent])
+
+    def _saw(self, compactor: str, now: float) -> None:
+        """Note a call from `compactor` (lock held); forget long-silent ones past a bound."""
+        self._seen[compactor] = now
+        if len(self._seen) > _SEEN_MEMORY:
+            cutoff = now - _SEEN_WINDOW_S
+            self._seen = {k: t for k, t in self._seen.items() if t >= cutoff}
+
+    def _count_user_pass(self, selection_id: str, data: Mapping[str, Any]) -> None:
+        """Add a committed pass of a user compaction to its request's progress (lock held)."""
+        for req in self._requests.values():
+            if req.selection_id == selection_id:
+                req.entries_read += int(data.get("entries_read", 0))
+                req.entries_written += int(data.get("entries_written", 0))
+                req.bytes_written += int(data.get("bytes_written", 0))
 
     def _remember_gone(self, ecid: str, tmp_path: str | None) -> None:
         self._gone[ecid] = tmp_path
@@ -957,10 +1030,15 @@ class CompactionCoordinator:
             if r.state == RUNNING:
                 by_table.setdefault(r.extent.table_id, []).append(r)
         for table_id, group in by_table.items():
-            try:
-                metas = {m.extent: m for m in self.meta.tablets(table_id)}
-            except TableNotFoundError:
-                metas = {}
+            metas: dict[Extent, TabletMeta] = {}
+            if len(group) > _CHECK_WHOLE_TABLE:
+                with contextlib.suppress(TableNotFoundError):  # deleted: all vanished
+                    metas = {m.extent: m for m in self.meta.tablets(table_id)}
+            else:
+                for run in group:
+                    found = self.meta.get_tablet(run.extent)
+                    if found is not None:
+                        metas[run.extent] = found
             for run in group:
                 m = metas.get(run.extent)
                 reason = None
@@ -1059,8 +1137,11 @@ class CompactionCoordinator:
             self._end_request(req, REQ_FAILED, f"table {req.table!r} was deleted")
             return
         sid = req.selection_id
-        pending = sum(1 for m in tablets if m.selection and m.selection.get("id") == sid)
+        mine = [m for m in tablets if m.selection and m.selection.get("id") == sid]
+        pending = len(mine)
         with self._lock:
+            if req.tablets_total == 0:
+                req.files_selected = sum(len(m.selection.get("files", ())) for m in mine)
             req.tablets_pending = pending
             req.tablets_total = max(req.tablets_total, pending)
         if pending == 0:
@@ -1122,9 +1203,13 @@ class CompactionCoordinator:
             progress: dict[str, Any] = {"op": req.op, "table": req.table}
             if req.op == "compact":
                 progress.update(
+                    selection_made=req.selected,
                     tablets_total=req.tablets_total,
                     tablets_pending=req.tablets_pending,
-                    selected=req.selected,
+                    selected=req.files_selected,
+                    entries_read=req.entries_read,
+                    entries_written=req.entries_written,
+                    bytes_written=req.bytes_written,
                 )
             if req.error:
                 progress["error"] = req.error

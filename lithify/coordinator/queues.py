@@ -26,6 +26,7 @@ from lithify.compaction.priority import queue_order_key
 from lithify.data.ranges import Extent, FileRef
 
 OrderKey = tuple[int, int, float]
+_PLANNED_MEMORY = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,10 @@ class ExternalQueues:
         """
         for old in self._by_tablet.pop(extent, ()):
             self._remove(old)
+        if len(self._planned_at) > _PLANNED_MEMORY:
+            # Tablets split and merge away over time; forgetting only weakens `put_back`,
+            # whose jobs the reservation re-checks against the metadata anyway.
+            self._planned_at.clear()
         self._planned_at[extent] = self._next_seq
         accepted: list[QueuedJob] = []
         for job in jobs:

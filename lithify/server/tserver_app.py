@@ -119,10 +119,6 @@ def _table_json(info: Any) -> dict[str, Any]:
     return {"id": info.id, "name": info.name, "state": info.state, "properties": info.properties}
 
 
-def _rows(h: str | None) -> bytes | None:
-    return bytes_or_none(h)
-
-
 def create_app(
     store: Store, secret: str, link: CoordinatorLink | None = None, *, url: str = ""
 ) -> FastAPI:
@@ -258,10 +254,10 @@ def create_app(
 
     @app.post("/v1/tables/{table}/merge")
     def merge(table: str, body: RowSpan) -> dict[str, Any]:
-        rng = RowRange.rows(_rows(body.start), _rows(body.end))
+        rng = RowRange.rows(bytes_or_none(body.start), bytes_or_none(body.end))
         info = store.table_info(table)
         group = [t.extent for t in store.tablets(table) if t.extent.range.overlaps(rng)]
-        store.merge_tablets(table, _rows(body.start), _rows(body.end))
+        store.merge_tablets(table, bytes_or_none(body.start), bytes_or_none(body.end))
         if len(group) >= 2:
             cancel_remote(info.id, group, None)
             _plan_table(store, table)
@@ -301,8 +297,8 @@ def create_app(
             ]
         return store.scan(
             table,
-            _rows(body.start),
-            _rows(body.end),
+            bytes_or_none(body.start),
+            bytes_or_none(body.end),
             columns=columns,
             min_timestamp=body.min_timestamp,
             max_timestamp=body.max_timestamp,
@@ -338,8 +334,8 @@ def create_app(
     def compact(table: str, body: CompactRequest) -> dict[str, Any]:
         st = users.start(
             table,
-            _rows(body.start),
-            _rows(body.end),
+            bytes_or_none(body.start),
+            bytes_or_none(body.end),
             flush=body.flush,
             iterators=check_iterators(body.iterators),
             hints=body.hints,

@@ -368,7 +368,14 @@ class CompactionDriver:
                     }
                 )
 
-            meta = tb.mutate(select)
+            try:
+                meta = tb.mutate(select)
+            except LithifyError:
+                # All or nothing: undo the selections this request already made.
+                self._unselect([t for t in tablets if t.extent in uc.pending], ucid)
+                with self._lock:
+                    self._users.pop(ucid, None)
+                raise
             if meta is not None and meta.selection is not None and meta.selection["id"] == ucid:
                 uc.pending.add(tb.extent)
         if not uc.pending:
@@ -377,6 +384,17 @@ class CompactionDriver:
             if self.manager is not None:
                 self.manager.plan(extent)
         return uc
+
+    @staticmethod
+    def _unselect(tablets: Sequence[Tablet], ucid: str) -> None:
+        for tb in tablets:
+            tb.mutate(
+                lambda m: (
+                    m.replace(selection=None)
+                    if m.selection is not None and m.selection["id"] == ucid
+                    else None
+                )
+            )
 
     def cancel_user(self, tablets: Sequence[Tablet]) -> int:
         """Cancel the pending user compactions of `tablets`: queued jobs dropped, running ones
@@ -400,6 +418,7 @@ class CompactionDriver:
                 if uc is not None:
                     uc.cancelled = True
                     uc.done.set()
+                    del self._users[ucid]
         return len(ids)
 
     def _user_progress(self, tb: Tablet, result: CompactionResult, nfiles: int) -> None:
@@ -416,6 +435,9 @@ class CompactionDriver:
             uc.bytes_written += result.bytes_written
             if sel_before is None or sel_before.get("id") != uc.id:
                 uc.finish(tb.extent)
+            if uc.done.is_set():
+                with self._lock:
+                    self._users.pop(uc.id, None)
 
     def wait_user(
         self, uc: UserCompaction, timeout: float | None, progress: Callable[[int, int], None] | None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -33,6 +33,30 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class FlushTotals:
+    """Files, entries and bytes written by the flushes of a server's tablets.
+
+    Write amplification is (bytes flushed + bytes compacted) / bytes flushed; the compaction
+    side is counted by the compaction driver, the flush side only here.
+    """
+
+    files: int = 0
+    entries: int = 0
+    bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, ref: FileRef) -> None:
+        with self.lock:
+            self.files += 1
+            self.entries += ref.entries
+            self.bytes += ref.size
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {"files": self.files, "entries": self.entries, "bytes": self.bytes}
+
+
+@dataclass
 class TabletContext:
     """What a tablet needs from the server that hosts it."""
 
@@ -42,6 +66,7 @@ class TabletContext:
     table_props: Callable[[str], Properties]
     on_files_changed: Callable[[Extent], None]
     in_use: FilesInUse
+    flushes: FlushTotals = field(default_factory=FlushTotals)
 
 
 def tablet_key(extent: Extent) -> str:
@@ -167,6 +192,7 @@ class Tablet:
         log.info(
             "Flushed %s created %s entries %d size %d", self.extent, ref.path, ref.entries, ref.size
         )
+        self._ctx.flushes.add(ref)
         self._ctx.on_files_changed(self.extent)
         return ref
 
