@@ -29,6 +29,7 @@ Every loop is bounded by a batch count and by time, so a child the parent forget
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -41,6 +42,9 @@ MUTATIONS = 12
 COLUMNS = 4
 #: Split points of the crash table: every batch spreads over all its tablets.
 SPLITS = ("m003", "m006", "m009")
+#: The metadata database to use (default: SQLite beside the data), so the parent can run the
+#: crash tests on every metadata backend.
+METADATA_URL_ENV = "LITHIFY_CRASH_METADATA_URL"
 MAX_BATCHES = 20_000
 MAX_SECONDS = 120.0
 
@@ -89,7 +93,7 @@ def main(argv: list[str]) -> int:
         say(f"ERROR unknown mode {mode}")
         return 2
     rng = random.Random(seed)
-    store = lithify.open(store_dir)
+    store = lithify.open(store_dir, metadata_url=os.environ.get(METADATA_URL_ENV) or None)
     say("READY")
     deadline = time.monotonic() + MAX_SECONDS
     for batch in range(start, start + min(count, MAX_BATCHES)):

@@ -25,7 +25,6 @@ from lithify.coordinator.core import (
     request_id,
 )
 from lithify.coordinator.queues import PlannedJob
-from lithify.data.key import ENTRY_SCHEMA
 from lithify.data.ranges import Extent, FileRef
 from lithify.errors import LithifyError
 from lithify.files.naming import new_file_name
@@ -850,8 +849,3 @@ def test_flush_request_and_failures(env: Env) -> None:
 def test_extent_json_round_trip() -> None:
     for e in (Extent("t", None, None), Extent("t", b"\x00a", b"\xffz"), Extent("1", None, b"m")):
         assert extent_from_json(extent_to_json(e)) == e
-
-
-def test_entry_schema_sanity() -> None:
-    # The helpers above write ENTRY_SCHEMA files; guard against a silent schema change.
-    assert ENTRY_SCHEMA.names[0] == "row"

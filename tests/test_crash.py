@@ -14,8 +14,8 @@ this process and checks the contract of SYSTEM.md 3:
 
 Several rounds run on the same store (kill, reopen and verify, continue writing), so recovery is
 also tested on top of earlier recoveries, flushes and compactions. The suite kills at least 20
-times (ROUNDS below), with the default `flush` durability and one test with `sync`.
-Every child is killed in a `finally`, every wait is bounded.
+times (ROUNDS below) per metadata backend, with the default `flush` durability and one test
+with `sync`. Every child is killed in a `finally`, every wait is bounded.
 """
 
 from __future__ import annotations
@@ -50,12 +50,17 @@ class Child:
     """A running crash_child.py whose stdout lines arrive on a queue (read by a thread, so that
     every read can time out)."""
 
-    def __init__(self, args: list[str], stderr_path: Path) -> None:
+    def __init__(self, args: list[str], stderr_path: Path, metadata_url: str | None = None) -> None:
         self._stderr = open(stderr_path, "wb")  # noqa: SIM115 (closed in close())
         self.stderr_path = stderr_path
+        env = dict(os.environ)
+        env.pop(cc.METADATA_URL_ENV, None)
+        if metadata_url:
+            env[cc.METADATA_URL_ENV] = metadata_url
         self.proc = subprocess.Popen(
             [sys.executable, str(CHILD), *args],
             cwd=REPO,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             stdin=subprocess.DEVNULL,
@@ -127,9 +132,9 @@ class History:
     in_flight_partial: int = 0
 
 
-def setup_store(path: Path, *, durability: str = "flush") -> None:
+def setup_store(path: Path, url: str, *, durability: str = "flush") -> None:
     """Create the crash table; a small memory limit makes background flushes frequent."""
-    with lithify.open(path) as s:
+    with lithify.open(path, metadata_url=url) as s:
         s.set_system_property("tserver.memory.maps.max", "48K")
         s.create_table(
             cc.TABLE,
@@ -138,12 +143,14 @@ def setup_store(path: Path, *, durability: str = "flush") -> None:
         )
 
 
-def crash_round(path: Path, mode: str, rng: random.Random, hist: History, tmp: Path) -> None:
+def crash_round(
+    path: Path, url: str, mode: str, rng: random.Random, hist: History, tmp: Path
+) -> None:
     """Start a child, kill it at a random moment, and record what it acknowledged."""
     start = hist.next_batch
     child_mode = "write" if mode == "sync" else mode
     seed = rng.randrange(2**31)
-    child = Child([str(path), child_mode, str(seed), str(start)], tmp / f"child-{start}.err")
+    child = Child([str(path), child_mode, str(seed), str(start)], tmp / f"child-{start}.err", url)
     lines: list[str] = []
     try:
         first = child.next_line(READY_TIMEOUT_S)
@@ -185,9 +192,9 @@ def crash_round(path: Path, mode: str, rng: random.Random, hist: History, tmp: P
         hist.kills_inside_op += 1
 
 
-def verify(path: Path, hist: History) -> int:
+def verify(path: Path, url: str, hist: History) -> int:
     """Reopen the store (recovering it) and check the contract; returns the entries seen."""
-    with lithify.open(path) as s:
+    with lithify.open(path, metadata_url=url) as s:
         found = _read_table(s)
         s.gc()
         assert _read_table(s) == found, "garbage collection changed what a scan returns"
@@ -233,35 +240,35 @@ def _read_table(s: lithify.Store) -> dict[bytes, dict[bytes, list[bytes]]]:
     return out
 
 
-def run_rounds(tmp_path: Path, mode: str, seed: int) -> History:
+def run_rounds(tmp_path: Path, url: str, mode: str, seed: int) -> History:
     path = tmp_path / "store"
-    setup_store(path, durability="sync" if mode == "sync" else "flush")
+    setup_store(path, url, durability="sync" if mode == "sync" else "flush")
     rng = random.Random(seed)
     hist = History()
     for _ in range(ROUNDS[mode]):
-        crash_round(path, mode, rng, hist, tmp_path)
-        verify(path, hist)
+        crash_round(path, url, mode, rng, hist, tmp_path)
+        verify(path, url, hist)
     assert hist.kills == ROUNDS[mode]
     assert hist.acked, "no batch was ever acknowledged"
     return hist
 
 
-def test_kill_during_writes(tmp_path: Path) -> None:
+def test_kill_during_writes(tmp_path: Path, metadata_url: str) -> None:
     """Kills at random points of a write stream with frequent background flushes."""
-    run_rounds(tmp_path, "write", seed=1)
+    run_rounds(tmp_path, metadata_url, "write", seed=1)
 
 
-def test_kill_during_flush(tmp_path: Path) -> None:
-    hist = run_rounds(tmp_path, "flush", seed=2)
+def test_kill_during_flush(tmp_path: Path, metadata_url: str) -> None:
+    hist = run_rounds(tmp_path, metadata_url, "flush", seed=2)
     assert hist.kills_inside_op >= 1, "no kill landed inside a flush"
 
 
-def test_kill_during_compaction(tmp_path: Path) -> None:
-    hist = run_rounds(tmp_path, "compact", seed=3)
+def test_kill_during_compaction(tmp_path: Path, metadata_url: str) -> None:
+    hist = run_rounds(tmp_path, metadata_url, "compact", seed=3)
     assert hist.kills_inside_op >= 1, "no kill landed inside a compaction"
 
 
-def test_kill_with_sync_durability(tmp_path: Path) -> None:
-    run_rounds(tmp_path, "sync", seed=4)
-    with lithify.open(tmp_path / "store") as s:
+def test_kill_with_sync_durability(tmp_path: Path, metadata_url: str) -> None:
+    run_rounds(tmp_path, metadata_url, "sync", seed=4)
+    with lithify.open(tmp_path / "store", metadata_url=metadata_url) as s:
         assert s.get_properties(cc.TABLE)["table.durability"] == "sync"

@@ -18,7 +18,9 @@ Three duties (docs/EXTERNAL_COMPACTIONS.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -87,6 +89,9 @@ class CoordinatorLink:
         self._resync: Callable[[], None] = lambda: None
         self._resync_every: Callable[[], float] = lambda: 30.0
         self._threads: list[threading.Thread] = []
+        self._cancels: queue.Queue[tuple[str, list[Extent] | None, str | None] | None] = (
+            queue.Queue(maxsize=10_000)
+        )
         self._warn = _Throttled()
         self.plans_sent = 0
         self.plans_dropped = 0
@@ -109,7 +114,11 @@ class CoordinatorLink:
         self._resync = resync
         self._resync_every = resync_every
         self._read_lease()
-        for target, name in ((self._send_loop, "plan-sender"), (self._watch_loop, "lease-watch")):
+        for target, name in (
+            (self._send_loop, "plan-sender"),
+            (self._watch_loop, "lease-watch"),
+            (self._cancel_loop, "cancel-sender"),
+        ):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -118,6 +127,8 @@ class CoordinatorLink:
         self._stop.set()
         with self._cv:
             self._cv.notify_all()
+        with contextlib.suppress(queue.Full):
+            self._cancels.put_nowait(None)
         for t in self._threads:
             t.join(timeout_s)
         for c in self._clients.values():
@@ -297,3 +308,25 @@ class CoordinatorLink:
             self._warn.warning("cancel", "could not tell the coordinator to cancel: %s", e)
             return None
         return int(reply.get("cancelled", 0)) if isinstance(reply, dict) else 0
+
+    def cancel_later(
+        self, table_id: str, extents: Sequence[Extent] | None, kind: object = None
+    ) -> None:
+        """`cancel` from a thread of its own: the store calls this (`Store.on_cancel`) while it
+        holds its lock during a split, merge or delete, which must not wait for the network.
+        Those extents are gone for good, so the cancel may arrive after newer plans."""
+        wanted = None if extents is None else list(extents)
+        try:
+            self._cancels.put_nowait((table_id, wanted, None if kind is None else str(kind)))
+        except queue.Full:
+            self._warn.warning("cancel-full", "too many cancellations queued; dropping one")
+
+    def _cancel_loop(self) -> None:
+        while not self._stop.is_set():
+            item = self._cancels.get()
+            if item is None:
+                return
+            try:
+                self.cancel(*item)
+            except Exception:
+                log.exception("passing a cancellation to the coordinator failed")

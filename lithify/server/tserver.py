@@ -123,6 +123,7 @@ def run_tserver(
         url = url_of(sock)
         link = CoordinatorLink(meta, secret)
         store = lithify.open(directory, metadata_url=metadata_url, external_sink=link.sink)
+        store.on_cancel = link.cancel_later
         server: ServerThread | None = None
         lease: LeaseKeeper | None = None
         status = 0

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from lithify.data.key import ENTRY_SCHEMA
-from lithify.data.ranges import Extent, RowRange
+from lithify.data.ranges import RowRange
 from lithify.errors import InvalidMutationError, LithifyError
 from lithify.metrics import exposition
 from lithify.rpc.auth import SECRET_PROPERTY, SecretMiddleware
@@ -143,10 +143,6 @@ def create_app(
             {"detail": {"error": "ValueError", "message": str(exc)}}, status_code=400
         )
 
-    def cancel_remote(table_id: str, extents: list[Extent] | None, kind: str | None) -> None:
-        if link is not None:
-            link.cancel(table_id, extents, kind)
-
     # -- status -------------------------------------------------------------------------------
 
     @app.get("/v1/status")
@@ -191,10 +187,11 @@ def create_app(
 
     @app.delete("/v1/tables/{table}")
     def delete_table(table: str) -> dict[str, Any]:
+        # The store cancels the table's compactions, here and (`Store.on_cancel`) at the
+        # coordinator; so do splits and merges below.
         info = store.table_info(table)
         store.delete_table(table)
         users.forget_table(info.id)
-        cancel_remote(info.id, None, None)
         return {"deleted": info.name, "id": info.id}
 
     @app.post("/v1/tables/{table}/offline")
@@ -240,7 +237,6 @@ def create_app(
     @app.post("/v1/tables/{table}/splits")
     def add_splits(table: str, body: Splits) -> dict[str, Any]:
         points = sorted({bytes.fromhex(p) for p in body.points})
-        info = store.table_info(table)
         split = [
             t.extent
             for t in store.tablets(table)
@@ -248,18 +244,15 @@ def create_app(
         ]
         store.add_splits(table, points)
         if split:
-            cancel_remote(info.id, split, None)
             _plan_table(store, table)
         return {"split": len(split), "tablets": len(store.tablets(table))}
 
     @app.post("/v1/tables/{table}/merge")
     def merge(table: str, body: RowSpan) -> dict[str, Any]:
         rng = RowRange.rows(bytes_or_none(body.start), bytes_or_none(body.end))
-        info = store.table_info(table)
         group = [t.extent for t in store.tablets(table) if t.extent.range.overlaps(rng)]
         store.merge_tablets(table, bytes_or_none(body.start), bytes_or_none(body.end))
         if len(group) >= 2:
-            cancel_remote(info.id, group, None)
             _plan_table(store, table)
         return {"merged": len(group) if len(group) >= 2 else 0}
 
@@ -357,7 +350,10 @@ def create_app(
     def cancel_compaction(table: str) -> dict[str, Any]:
         info = store.table_info(table)
         n = users.cancel(table)
-        cancel_remote(info.id, None, "USER")
+        if link is not None:
+            # Synchronous (no store lock is held here): the caller's next user compaction of
+            # the table must not have its jobs dropped by this cancel arriving late.
+            link.cancel(info.id, None, "USER")
         return {"cancelled": n}
 
     # -- configuration ------------------------------------------------------------------------

@@ -124,7 +124,11 @@ class Tablet:
         result = self._ctx.meta.mutate_tablet(self.extent, fn)
         with self._lock:
             if result is not None:
-                self._meta = result
+                # Another thread may have committed a newer version meanwhile (this thread
+                # waited for the lock): keep the newer one. A stale copy would list logs the
+                # metadata no longer holds, and a write trusting it would add no reference.
+                if result.version >= self._meta.version:
+                    self._meta = result
             else:
                 self.refresh()
         return result
@@ -180,7 +184,13 @@ class Tablet:
             try:
                 with self._ctx.in_use.using([path]):
                     ref = self._write_flush_file(frozen, path)
-                    self.mutate(lambda m: self._commit_flush(m, ref, frozen.max_seq))
+                    # Writes wait while the commit replaces the log references: a write that
+                    # found its log listed in the old metadata (so added no reference) must not
+                    # land in memory between `_commit_flush` reading the live map's logs and the
+                    # new metadata taking effect, or its log would be unreferenced and a crash
+                    # would lose an acknowledged write.
+                    with self._lock:
+                        self.mutate(lambda m: self._commit_flush(m, ref, frozen.max_seq))
             except BaseException:
                 with self._lock:
                     self._memtable.add(frozen.sorted_table(), frozen.max_seq)
