@@ -93,3 +93,15 @@ def registry_for(store: Store) -> CollectorRegistry:
 def exposition(store: Store) -> bytes:
     """The Prometheus text format of a store's metrics."""
     return generate_latest(registry_for(store))
+
+
+def scrape(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Parse Prometheus text into {sample name: {sorted label pairs: value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            out.setdefault(sample.name, {})[labels] = sample.value
+    return out

@@ -34,6 +34,8 @@ from pathlib import Path
 import pytest
 
 import lithify
+from lithify import Mutation
+from lithify.data.mutation import mutations_to_table
 from tests import crash_child as cc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -272,3 +274,56 @@ def test_kill_with_sync_durability(tmp_path: Path, metadata_url: str) -> None:
     run_rounds(tmp_path, metadata_url, "sync", seed=4)
     with lithify.open(tmp_path / "store", metadata_url=metadata_url) as s:
         assert s.get_properties(cc.TABLE)["table.durability"] == "sync"
+
+
+def test_acknowledged_write_stays_recoverable_while_flushes_commit(
+    tmp_path: Path, metadata_url: str
+) -> None:
+    """The race behind a lost acknowledged batch in test_kill_during_writes, checked directly.
+
+    At every moment after a write returns, its entries must be in a flushed file
+    (flushed_seq >= its sequence number) or its log must be listed in the tablet's metadata:
+    otherwise a kill at that moment loses it. A flush committing (it replaces the log list)
+    while a write runs, or a compaction thread installing an older copy of the metadata after
+    it, used to leave a written entry with neither for a moment.
+    """
+    s = lithify.open(tmp_path / "store", metadata_url=metadata_url)
+    try:
+        s.create_table("t")
+        (tablet,) = s._hosted(s.table_info("t"))  # the tablet itself: its write returns the seq
+        deadline = time.monotonic() + 2.0
+        errors: list[str] = []
+        failures: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                for i in range(1_000_000):
+                    if time.monotonic() > deadline:
+                        return
+                    entries = mutations_to_table([Mutation(f"r{i:07d}").put("f", "q", "v")])
+                    seq = tablet.write(entries)
+                    m = s.meta.get_tablet(tablet.extent)
+                    if m is not None and m.flushed_seq < seq and not m.logs:
+                        errors.append(f"seq {seq}: flushed_seq {m.flushed_seq}, no logs")
+            except BaseException as e:  # noqa: BLE001 - reported by the test thread
+                failures.append(e)
+
+        def flusher() -> None:
+            try:
+                for _ in range(1_000_000):
+                    if time.monotonic() > deadline:
+                        return
+                    tablet.flush()
+            except BaseException as e:  # noqa: BLE001
+                failures.append(e)
+
+        threads = [threading.Thread(target=writer), threading.Thread(target=flusher)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "writer or flusher did not stop"
+        assert not failures, failures
+        assert not errors, errors[:5]
+    finally:
+        s.close()

@@ -1,9 +1,11 @@
 """`lithify demo`: the main job on the embedded default, end to end.
 
-Runs continuous ingest into a pre-split table on the `default` compaction service while showing
-the compactions queued and running per executor, then flushes, runs a user compaction of the
-whole table, verifies the linked lists (UNDEFINED = 0, CORRUPT = 0) and prints what ran where.
-Exits non-zero if verification fails.
+By default it runs a local cluster (`lithify/cli/demo_cluster.py`): tablet server, coordinator
+and two compactors, continuous ingest with one compactor killed half-way, then verify. With
+`--embedded` it runs everything in this process instead: continuous ingest into a pre-split
+table on the `default` compaction service while showing the compactions queued and running per
+executor, then a user compaction of the whole table and verify. Either way it exits non-zero if
+verification fails (UNDEFINED or CORRUPT not zero).
 """
 
 from __future__ import annotations
@@ -56,14 +58,49 @@ def executor_table(store: lithify.Store) -> Table:
     "--memory", default="8M", show_default=True, help="tserver.memory.maps.max for the demo."
 )
 @click.option("--seed", default=7, show_default=True)
+@click.option(
+    "--embedded", is_flag=True, help="Run in this process (no cluster, internal executors only)."
+)
+@click.option(
+    "--small-max",
+    default="3M",
+    show_default=True,
+    help="Cluster mode: compactions below this size stay in the tablet server; larger ones go "
+    "to the external queue DCQ1.",
+)
 def demo(
-    directory: str, entries: int, tablets: int, batch_size: int, memory: str, seed: int
+    directory: str,
+    entries: int,
+    tablets: int,
+    batch_size: int,
+    memory: str,
+    seed: int,
+    embedded: bool,
+    small_max: str,
 ) -> None:
-    """Continuous ingest with compactions running, user compaction, verify."""
+    """Continuous ingest with compactions running (a compactor killed half-way), then verify.
+
+    Without --embedded: a local cluster of real processes (logs under DIR/logs).
+    """
     console = Console()
     path = Path(directory)
     if path.exists():
         shutil.rmtree(path)
+    if not embedded:
+        from lithify.cli.demo_cluster import run_cluster_demo
+
+        result, _ = run_cluster_demo(
+            console,
+            path,
+            entries=entries,
+            tablets=tablets,
+            batch_size=batch_size,
+            memory=memory,
+            small_max=small_max,
+            seed=seed,
+        )
+        _conclude(console, result.ok)
+        return
     with lithify.open(path) as store:
         store.set_system_property("tserver.memory.maps.max", memory)
         store.create_table("ci", splits=split_points(tablets))
@@ -106,7 +143,11 @@ def demo(
         )
         print_verify(result)
         store.gc()
-    if result.ok:
+    _conclude(console, result.ok)
+
+
+def _conclude(console: Console, ok: bool) -> None:
+    if ok:
         console.print("[green]verified: UNDEFINED=0 CORRUPT=0[/green]")
     else:
         console.print("[red]VERIFY FAILED[/red]")

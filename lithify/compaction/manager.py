@@ -55,6 +55,8 @@ class TabletView:
     #: compaction pending).
     selected: frozenset[str] | None = None
     user_hints: Mapping[str, str] = field(default_factory=dict)
+    #: The user compaction must wait (a system compaction holds some of its selected files).
+    user_blocked: bool = False
 
 
 class CompactionHost(Protocol):
@@ -224,7 +226,7 @@ class CompactionManager:
         by_executor: dict[str, list[QueuedJob]] = {}
         external: dict[str, list[CompactionJob]] = {}
         kinds = [CompactionKind.SYSTEM]
-        if view.selected is not None:
+        if view.selected is not None and not view.user_blocked:
             kinds.append(CompactionKind.USER)
         for kind in kinds:
             hints = view.user_hints if kind == CompactionKind.USER else {}

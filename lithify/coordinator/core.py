@@ -233,6 +233,7 @@ class RunningCompaction:
             "queue": self.queue,
             "kind": self.kind,
             "compactor": self.compactor,
+            "address": self.address,
             "state": self.state,
             "status": self.status,
             "entries_read": self.entries_read,

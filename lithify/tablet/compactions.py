@@ -112,9 +112,17 @@ def view_of(meta: TabletMeta, props: Mapping[str, str]) -> TabletView:
     )
     selected = None
     hints: dict[str, str] = {}
+    blocked = False
     if meta.selection is not None:
         selected = frozenset(FileRef.from_json(x).uri for x in meta.selection["files"])
         hints = dict(meta.selection.get("hints", {}))
+        # A system compaction that was already running over selected files when the user
+        # compaction started: its output joins the selection when it commits. Until then the
+        # user compaction waits, or it would keep rewriting its own single output.
+        blocked = any(
+            rc.kind == CompactionKind.SYSTEM and any(f.uri in selected for f in rc.files)
+            for rc in running
+        )
     return TabletView(
         extent=meta.extent,
         table_id=meta.extent.table_id,
@@ -124,6 +132,7 @@ def view_of(meta: TabletMeta, props: Mapping[str, str]) -> TabletView:
         table_properties=props,
         selected=selected,
         user_hints=hints,
+        user_blocked=blocked,
     )
 
 

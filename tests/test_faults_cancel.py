@@ -1,0 +1,424 @@
+"""Fault tests 8-10 of issue 4: external compactions cancelled by table delete, split, merge and
+the cancel of a user compaction, on a local cluster of real processes (tests/cluster_util.py).
+
+Each test catches compactions while they run (a slow compaction iterator), does the operation
+that must cancel them, measures how long the cancellation takes where the contract promises
+"promptly", and ends with the consistency check of tests/consistency.py: every file of every
+tablet exists and is readable, no file is an input of two running compactions, and once
+everything settled no temporary file is left.
+
+The helpers at the top are shared with the other fault-test modules of this series
+(`test_faults_config.py`, `test_faults_ingest.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import lithify
+from lithify.data.ranges import Extent
+from lithify.errors import CompactionCancelledError, TableNotFoundError
+from lithify.files.in_use import FilesInUse
+from lithify.files.storage import Storage
+from lithify.gc import collect_garbage
+from lithify.rpc.auth import SECRET_HEADER
+from tests.cluster_util import SLOW_ITERATOR, LocalCluster
+from tests.consistency import check_files
+
+#: The contract's "promptly" for a table delete (issue 4, test 8).
+CANCEL_LIMIT_S = 10.0
+
+
+# ---------------------------------------------------------------------- shared helpers
+
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def scrape(text: str) -> Samples:
+    """Prometheus text -> {sample name: {sorted label pairs: value}}."""
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def storage_of(cluster: LocalCluster) -> Storage:
+    """The instance's data files, as every process of the cluster sees them."""
+    return Storage(str(cluster.directory / "data"))
+
+
+def entries(keys: Sequence[str], value: str, pad: int = 0) -> pa.Table:
+    """Entries `key -> value+key` (column f:q); `pad` random bytes make files big on purpose
+    (random, so compression cannot shrink them below an executor's size limit)."""
+    values = [
+        f"{value}{k}".encode() + (os.urandom(pad // 2).hex().encode() if pad else b"") for k in keys
+    ]
+    n = len(keys)
+    return pa.table(
+        {
+            "row": pa.array([k.encode() for k in keys], pa.binary()),
+            "family": pa.array([b"f"] * n, pa.binary()),
+            "qualifier": pa.array([b"q"] * n, pa.binary()),
+            "value": pa.array(values, pa.binary()),
+        }
+    )
+
+
+def scanned_rows(client: lithify.Client, table: str) -> list[bytes]:
+    return [k.row for k, _ in client.scan_entries(table)]
+
+
+def compactor_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
+    """A compactor's own view (`GET /v1/status`): the ECID it runs and its job counters."""
+    return httpx.get(
+        f"{cluster.url(name)}/v1/status", headers={SECRET_HEADER: cluster.secret}, timeout=10
+    ).json()
+
+
+def coordinator_view(cluster: LocalCluster) -> dict[str, Any]:
+    """The active coordinator's queues and running set (`GET /v1/coordinator`)."""
+    url = cluster.coordinator_url()
+    assert url, "no coordinator holds the lease"
+    return httpx.get(
+        f"{url}/v1/coordinator", headers={SECRET_HEADER: cluster.secret}, timeout=10
+    ).json()
+
+
+def coordinator_metrics(cluster: LocalCluster) -> Samples:
+    url = cluster.coordinator_url()
+    assert url, "no coordinator holds the lease"
+    text = httpx.get(f"{url}/metrics", headers={SECRET_HEADER: cluster.secret}, timeout=10).text
+    return scrape(text)
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value (0 when absent: counters of a queue nobody used yet)."""
+    return samples.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+
+def running_records(cluster: LocalCluster, table_id: str) -> dict[str, tuple[Extent, dict]]:
+    """Running external compactions recorded in a table's tablets: ECID -> (extent, record)."""
+    try:
+        metas = cluster.meta.tablets(table_id)
+    except TableNotFoundError:
+        return {}
+    return {
+        key: (m.extent, rec)
+        for m in metas
+        for key, rec in m.compactions.items()
+        if isinstance(rec, dict) and rec.get("ecid") == key
+    }
+
+
+def internal_records(cluster: LocalCluster, table_id: str) -> int:
+    """Internal (tablet server) compactions recorded in a table's tablets."""
+    return sum(
+        1
+        for m in cluster.meta.tablets(table_id)
+        for key, rec in m.compactions.items()
+        if not (isinstance(rec, dict) and rec.get("ecid") == key)
+    )
+
+
+def compactors_idle(cluster: LocalCluster, names: Iterable[str]) -> bool:
+    return all(compactor_status(cluster, n)["ecid"] is None for n in names)
+
+
+def no_tmp_files(cluster: LocalCluster) -> bool:
+    return not list((cluster.directory / "data").rglob("*_tmp_*"))
+
+
+def file_kinds(client: lithify.Client, table: str) -> list[list[str]]:
+    """Per tablet, the kind letters of its files (F flush, C partial, A full compaction)."""
+    return [sorted(f.path.rsplit("/", 1)[-1][0] for f in t.files) for t in client.tablets(table)]
+
+
+# ---------------------------------------------------------------------- 8. table delete
+
+
+def test_deleting_a_table_cancels_its_external_compactions_and_gc_leaves_nothing(
+    cluster: LocalCluster,
+) -> None:
+    """Table delete while two external compactions run and a third waits: all cancelled within
+    CANCEL_LIMIT_S, and after garbage collection no file or record of the table remains, while
+    another table is untouched."""
+    cluster.start(coordinators=1, compactors=2, external_only=True)
+    c = cluster.client()
+    c.create_table("keep")
+    c.write("keep", entries([f"k{i:03d}" for i in range(50)], "v"))
+    c.flush("keep")
+    c.create_table("doomed", splits=["h", "p"])
+    for i in range(2):
+        c.write("doomed", entries([f"{r}{i:03d}{j}" for r in "bjs" for j in range(20)], f"v{i}"))
+        c.flush("doomed")
+    table_id = c.table_info("doomed").id
+    # About 4 s of iterator sleep per compaction: long enough to be caught, short enough that
+    # the compactor (which notices a cancel only between batches) stops within the limit.
+    c.compact("doomed", wait=False, iterators=[(SLOW_ITERATOR, {"sleep_s": "4"})])
+    cluster.wait_for(
+        lambda: (
+            len(running_records(cluster, table_id)) == 2
+            and coordinator_view(cluster)["queues"].get("DCQ1", 0) == 1
+        ),
+        60,
+        "two external compactions running and one queued",
+        interval_s=0.05,
+    )
+    compactors = cluster.names("compactor")
+
+    t0 = time.monotonic()
+    c.delete_table("doomed")
+
+    def all_cancelled() -> bool:
+        st = [compactor_status(cluster, n) for n in compactors]
+        view = coordinator_view(cluster)
+        return (
+            all(s["ecid"] is None for s in st)
+            and sum(s["cancelled"] for s in st) == 2
+            and not [r for r in view["running"] if r["extent"]["table_id"] == table_id]
+            and view["queues"].get("DCQ1", 0) == 0
+            and no_tmp_files(cluster)
+        )
+
+    cluster.wait_for(all_cancelled, 60, "the compactions to be cancelled and cleaned up")
+    latency = time.monotonic() - t0
+    print(f"table delete -> every external compaction cancelled and cleaned: {latency:.2f}s")
+    assert latency <= CANCEL_LIMIT_S, f"cancellation took {latency:.1f}s > {CANCEL_LIMIT_S}s"
+    assert sum(compactor_status(cluster, n)["completed"] for n in compactors) == 0
+    assert (
+        metric(coordinator_metrics(cluster), "lithify_coordinator_compactions_cancelled_total") == 2
+    )
+
+    # Garbage collection. The tablet server runs no collector of its own; the test process
+    # runs it (nothing of the deleted table can be in use by a scan or flush any more).
+    storage = storage_of(cluster)
+    assert storage.list_files(f"tables/{table_id}"), "the table's files exist before the GC"
+    deleted = collect_garbage(storage, cluster.meta, FilesInUse())
+    assert deleted and all(p.startswith(f"tables/{table_id}/") for p in deleted), deleted
+    assert storage.list_files(f"tables/{table_id}") == []
+    assert all(t.id != table_id for t in cluster.meta.list_tables())
+    with pytest.raises(TableNotFoundError):
+        cluster.meta.tablets(table_id)
+    assert not [fs for fs in cluster.meta.final_states() if fs.table_id == table_id]
+    assert not [p for p in cluster.meta.referenced_files() if p.startswith(f"tables/{table_id}/")]
+    assert not [
+        r for r in coordinator_view(cluster)["running"] if r["extent"]["table_id"] == table_id
+    ]
+
+    # The other table lost nothing; the whole instance passes the consistency check.
+    assert scanned_rows(c, "keep") == [f"k{i:03d}".encode() for i in range(50)]
+    assert check_files(cluster.meta, storage, settled=True) == 1
+    assert "Cancelled compaction" in cluster.log(compactors[0])
+
+
+# ---------------------------------------------------------------------- 9. split and merge
+
+
+def _three_way(
+    table_id: str, running: set[Extent], extents: list[Extent]
+) -> tuple[Extent, Extent, Extent]:
+    """(to split, to merge, its merge partner): both running tablets are hit, and the merge
+    partner is not the tablet being split (three tablets in a row, two of them running)."""
+    split = next(e for e in (extents[0], extents[-1]) if e in running)
+    merge = next(e for e in running if e != split)
+    i = extents.index(merge)
+    partner = next(
+        extents[j] for j in (i - 1, i + 1) if 0 <= j < len(extents) and extents[j] != split
+    )
+    return split, merge, partner
+
+
+def test_split_and_merge_cancel_running_external_compactions(cluster: LocalCluster) -> None:
+    """Split one tablet and merge another with its neighbour while both are being compacted by
+    compactors: the compactions are cancelled and cleaned up, then the new tablets compact
+    again, and every entry is still there, in the right tablet."""
+    cluster.start(coordinators=1, compactors=2, external_only=True)
+    c = cluster.client()
+    # System compactions of this table sleep ~3 s (a table compaction iterator), so they can be
+    # caught running; four equal flushes per tablet make the ratio planner compact each tablet.
+    c.create_table(
+        "sm",
+        splits=["h", "p"],
+        properties={
+            "table.iterator.majc.slow": f"10,{SLOW_ITERATOR}",
+            "table.iterator.majc.slow.opt.sleep_s": "3",
+        },
+    )
+    table_id = c.table_info("sm").id
+    expected: list[bytes] = []
+    for i in range(4):
+        keys = [f"{r}{j:02d}{i}" for r in "bdjlrt" for j in range(15)]
+        c.write("sm", entries(keys, f"v{i}"))
+        expected += [k.encode() for k in keys]
+        c.flush("sm")
+    expected.sort()
+    cluster.wait_for(
+        lambda: len(running_records(cluster, table_id)) == 2,
+        60,
+        "two external compactions running",
+        interval_s=0.05,
+    )
+    records = running_records(cluster, table_id)
+    extents = [m.extent for m in cluster.meta.tablets(table_id)]
+    split, merge, partner = _three_way(table_id, {e for e, _ in records.values()}, extents)
+    compactors = cluster.names("compactor")
+
+    t0 = time.monotonic()
+    # The split point lies inside the tablet: "d" in (-inf, h], "r" in (p, +inf).
+    point = "d" if split.end_row == b"h" else "r"
+    c.add_splits("sm", [point])
+    lo, hi = sorted([merge, partner], key=lambda e: extents.index(e))
+    c.merge_tablets("sm", (lo.prev_end_row or b"").decode() + "0", hi.end_row)
+
+    def cancelled() -> bool:
+        return sum(compactor_status(cluster, n)["cancelled"] for n in compactors) >= 2
+
+    cluster.wait_for(cancelled, 45, "both running compactions to be cancelled")
+    latency = time.monotonic() - t0
+    print(f"split + merge -> both external compactions cancelled: {latency:.2f}s")
+    assert latency <= 15, latency
+    tablets = c.tablets("sm")
+    assert len(tablets) == 3, [t.extent for t in tablets]
+    assert {t.extent for t in tablets}.isdisjoint(
+        records_extents := {e for e, _ in records.values()}
+    ), records_extents
+
+    # The new tablets are planned again and compact (slowly); everything settles.
+    def settled() -> bool:
+        return (
+            all(len(t.files) == 1 for t in c.tablets("sm"))
+            and not running_records(cluster, table_id)
+            and compactors_idle(cluster, compactors)
+            and no_tmp_files(cluster)
+        )
+
+    cluster.wait_for(settled, 120, "the split and merged tablets to compact")
+    assert scanned_rows(c, "sm") == expected
+    assert c.count("sm") == len(expected)
+    # Counts per tablet: each tablet's one file holds exactly the rows of its extent.
+    for t in c.tablets("sm"):
+        inside = [r for r in expected if t.extent.contains(r)]
+        assert t.files[0].entries == len(inside), (t.extent, t.files[0].entries, len(inside))
+        assert [k.row for k, _ in c.scan_entries("sm", inside[0], inside[-1])] == inside
+    assert file_kinds(c, "sm") == [["A"]] * 3
+    assert check_files(cluster.meta, storage_of(cluster), settled=True) == 3
+    log = cluster.log("coordinator-1")
+    assert "cancelling compaction" in log or "record gone" in log
+
+
+# ---------------------------------------------------------------------- 10. user compaction
+
+
+#: One service, both kinds of executor: small jobs on a tablet server thread, the rest on DCQ1.
+MIXED_EXECUTORS = (
+    '[{"name": "small", "type": "internal", "maxSize": "64K", "numThreads": 1},'
+    ' {"name": "big", "type": "external", "queue": "DCQ1"}]'
+)
+
+
+def test_cancelling_a_user_compaction_with_internal_and_external_jobs(
+    cluster: LocalCluster,
+) -> None:
+    """A user compaction followed through the coordinator's request protocol by one client is
+    cancelled by another client while jobs of it are queued and running on an internal
+    executor and on a compactor: the waiting client hears CANCELLED (not FINISHED), every job
+    stops, nothing is committed, and the data is intact."""
+    cluster.start(
+        coordinators=1,
+        compactors=1,
+        system_properties={
+            "tserver.compaction.major.service.default.planner.opts.executors": MIXED_EXECUTORS
+        },
+    )
+    c = cluster.client()
+    c.create_table("u", splits=["c", "m", "t"])
+    table_id = c.table_info("u").id
+    expected: list[bytes] = []
+    # Tablets (-inf, c] and (c, m]: a few small entries (internal executor); (m, t] and
+    # (t, +inf): 2 x 300 entries of 600 random bytes, about 360 KB (the compactor).
+    for i in range(2):
+        small = [f"{r}{j}{i}" for r in "ah" for j in range(5)]
+        big = [f"{r}{j:03d}{i}" for r in "pw" for j in range(300)]
+        c.write("u", entries(small, f"s{i}"))
+        c.write("u", entries(big, f"b{i}", pad=600))
+        expected += [k.encode() for k in small + big]
+        c.flush("u")
+    expected.sort()
+    sizes = [sum(f.size for f in t.files) for t in c.tablets("u")]
+    assert sizes[0] < 64 << 10 and sizes[1] < 64 << 10, sizes
+    assert sizes[2] > 64 << 10 and sizes[3] > 64 << 10, sizes
+    before = [{f.path for f in t.files} for t in c.tablets("u")]
+
+    outcome: dict[str, Any] = {}
+
+    def compact() -> None:
+        try:
+            outcome["summary"] = c.compact(
+                "u", timeout=120, iterators=[(SLOW_ITERATOR, {"sleep_s": "3"})]
+            )
+        except BaseException as e:  # noqa: BLE001 - inspected below
+            outcome["error"] = e
+
+    waiter = threading.Thread(target=compact, name="waiting-client", daemon=True)
+    waiter.start()
+
+    def busy() -> bool:
+        view = coordinator_view(cluster)
+        ts = scrape(
+            httpx.get(
+                f"{cluster.url('tserver')}/metrics",
+                headers={SECRET_HEADER: cluster.secret},
+                timeout=10,
+            ).text
+        )
+        small = (("executor", "i.default.small"),)
+        return (
+            len(running_records(cluster, table_id)) == 1
+            and view["queues"].get("DCQ1", 0) == 1
+            and internal_records(cluster, table_id) == 1
+            and ts.get("lithify_compactions_queued", {}).get(small, 0) == 1
+            and ts.get("lithify_compactions_running", {}).get(small, 0) == 1
+        )
+
+    cluster.wait_for(
+        busy, 60, "one job running and one queued on each kind of executor", interval_s=0.05
+    )
+    external = [r for r in coordinator_view(cluster)["running"] if r["kind"] == "USER"]
+    assert len(external) == 1, external
+
+    t0 = time.monotonic()
+    other = cluster.client()
+    assert other.cancel_compaction("u") == 1
+    waiter.join(60)
+    assert not waiter.is_alive(), "the waiting client never heard the outcome"
+    assert isinstance(outcome.get("error"), CompactionCancelledError), outcome
+
+    def stopped() -> bool:
+        return (
+            not running_records(cluster, table_id)
+            and internal_records(cluster, table_id) == 0
+            and all(m.selection is None for m in cluster.meta.tablets(table_id))
+            and coordinator_view(cluster)["queues"].get("DCQ1", 0) == 0
+            and compactor_status(cluster, "compactor-1")["ecid"] is None
+            and no_tmp_files(cluster)
+        )
+
+    cluster.wait_for(stopped, 30, "every job of the user compaction to stop")
+    latency = time.monotonic() - t0
+    print(f"user compaction cancel -> every job stopped: {latency:.2f}s")
+    st = compactor_status(cluster, "compactor-1")
+    assert (st["cancelled"], st["completed"]) == (1, 0), st
+    # Nothing was committed: every tablet has exactly the files it had.
+    assert [{f.path for f in t.files} for t in c.tablets("u")] == before
+    assert scanned_rows(c, "u") == expected
+    assert check_files(cluster.meta, storage_of(cluster), settled=True) == 8
