@@ -51,9 +51,9 @@ Key = tuple[bytes, bytes, bytes]
 
 
 def slow_majc(sleep_s: float) -> dict[str, str]:
-    """Table properties that slow every major compaction of the table down by about `sleep_s`
-    (the slow iterator sleeps once per batch; these tests' compactions are one batch), so a
-    test can break a process while a compaction is surely in the middle of its work."""
+    """Table properties that make every major compaction of the table sleep `sleep_s` per
+    batch it writes (about 4,000 entries: four ingest cycles take four batches), so a test can
+    break a process while a compaction is surely in the middle of its work."""
     return {
         "table.iterator.majc.slow": f"50,{SLOW_ITERATOR}",
         "table.iterator.majc.slow.opt.sleep_s": f"{sleep_s:g}",

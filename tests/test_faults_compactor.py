@@ -48,7 +48,7 @@ def test_killed_compactor_job_runs_again_elsewhere(cluster: LocalCluster) -> Non
     the other compactor, within seconds of the kill, and then commits."""
     cluster.start(coordinators=1, compactors=2, external_only=True)
     c = cluster.client()
-    c.create_table(TABLE, properties=slow_majc(6))
+    c.create_table(TABLE, properties=slow_majc(2))
     table_id = c.table_info(TABLE).id
     ingest = AckedIngest(c)
     ingest.cycles(4)  # four flushed files: the ratio planner compacts them (one job)
@@ -61,9 +61,10 @@ def test_killed_compactor_job_runs_again_elsewhere(cluster: LocalCluster) -> Non
 
     def midway() -> bool:
         st = compactor_status(cluster, victim)
-        return st["ecid"] == ecid and st["entries_read"] > 0 and st["entries_written"] == 0
+        done = f"created {rec['tmp_path'].rsplit('/', 1)[-1]}" in cluster.log(victim)
+        return st["ecid"] == ecid and st["entries_read"] > 0 and not done
 
-    # Read its inputs, not yet written its output: the slow iterator holds it there.
+    # It has read some of its inputs, and not finished its output (the slow iterator holds it).
     cluster.wait_for(midway, 30, "the compaction to be half done")
     t_kill = time.monotonic()
     cluster.kill(victim)
@@ -111,7 +112,7 @@ def test_compactor_killed_after_writing_before_reporting(cluster: LocalCluster) 
     """
     cluster.start(coordinators=1, compactors=2, external_only=True)
     c = cluster.client()
-    c.create_table(TABLE, properties=slow_majc(3))
+    c.create_table(TABLE, properties=slow_majc(1.5))
     table_id = c.table_info(TABLE).id
     ingest = AckedIngest(c)
     ingest.cycles(4)
