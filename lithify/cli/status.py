@@ -2,20 +2,79 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from rich.console import Console
 from rich.table import Table
 
 import lithify
+from lithify.cli.main import METADATA_OPTION, STORE_OPTION
 from lithify.cli.shell import with_store
-from lithify.metrics import exposition
+from lithify.metrics import exposition, scrape
+from lithify.rpc.client import RpcClient, RpcError
+from lithify.server.instance import TSERVER_LEASE, lease_holder, open_metadata, read_secret
+
+
+def _running_tserver_metrics(store_dir: str, metadata_url: str | None) -> str | None:
+    """The Prometheus text of the tablet server serving this instance, if one is running."""
+    if metadata_url is None and not (Path(store_dir) / "metadata.db").exists():
+        return None
+    meta = open_metadata(store_dir, metadata_url)
+    try:
+        url, _ = lease_holder(meta, TSERVER_LEASE)
+        if not url:
+            return None
+        rpc = RpcClient(url, read_secret(meta), timeout=10)
+        try:
+            resp = rpc.stream("GET", "/metrics")
+            try:
+                return resp.read().decode()
+            finally:
+                resp.close()
+        except RpcError:
+            return None
+        finally:
+            rpc.close()
+    finally:
+        meta.close()
+
+
+def _print_scraped(text: str) -> None:
+    samples = scrape(text)
+    table = Table(title="tablet server metrics")
+    table.add_column("metric")
+    table.add_column("labels")
+    table.add_column("value", justify="right")
+    for name in sorted(samples):
+        for labels, value in sorted(samples[name].items()):
+            shown = ",".join(f"{k}={v}" for k, v in labels)
+            table.add_row(name, shown, f"{value:,.6g}")
+    Console().print(table)
 
 
 @click.command("status")
+@STORE_OPTION
+@METADATA_OPTION
 @click.option("--prometheus", is_flag=True, help="Print the Prometheus text format instead.")
+def status(store_dir: str, metadata_url: str | None, prometheus: bool) -> None:
+    """Print compaction services, executors, files per tablet and compaction totals.
+
+    When a tablet server is serving the instance, its live metrics are shown; otherwise the
+    store is opened here (embedded) and its configuration and files are shown.
+    """
+    text = _running_tserver_metrics(store_dir, metadata_url)
+    if text is not None:
+        if prometheus:
+            click.echo(text, nl=False)
+        else:
+            _print_scraped(text)
+        return
+    _embedded_status(store_dir=store_dir, metadata_url=metadata_url, prometheus=prometheus)
+
+
 @with_store
-def status(store: lithify.Store, prometheus: bool) -> None:
-    """Print compaction services, executors, files per tablet and compaction totals."""
+def _embedded_status(store: lithify.Store, prometheus: bool) -> None:
     if prometheus:
         click.echo(exposition(store).decode(), nl=False)
         return
