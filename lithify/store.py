@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from lithify.data.mutation import Mutation, mutations_to_table, validate_entries
 from lithify.data.ranges import FULL_RANGE, Extent, FileRef, RowRange
 from lithify.errors import (
     CompactionCancelledError,
+    ConditionalUpdateError,
     InvalidMutationError,
     LithifyError,
     TableOfflineError,
@@ -56,6 +58,9 @@ from lithify.tablet.tablet import Tablet, TabletContext
 from lithify.tablet.wal import read_log
 
 log = logging.getLogger(__name__)
+
+#: Conditional replacements of tablets (split, merge) tried before giving up.
+_REPLACE_ATTEMPTS = 20
 
 #: Rows of a scan batch handed to the caller.
 SCAN_BATCH = 65536
@@ -397,11 +402,34 @@ class Store:
                 if not inner:
                     continue
                 tb.flush()
-                old = tb.refresh()
-                self.meta.replace_tablets(info.id, [old], split_ops.split_tablet(old, inner))
+                self._replace_tablets(
+                    info.id, [tb], lambda old, inner=inner: split_ops.split_tablet(old[0], inner)
+                )
                 self.cancel_compactions(info.id, [tb.extent])
             self._host(info.id)
         self._release_logs()
+
+    def _replace_tablets(
+        self,
+        table_id: str,
+        tablets: Sequence[Tablet],
+        make: Callable[[list[TabletMeta]], list[TabletMeta]],
+    ) -> None:
+        """Replace `tablets` by `make(their metadata)`, re-reading them after a conflict.
+
+        A background compaction may commit on one of them between the read and the conditional
+        update; the split or merge is then derived again from the new metadata instead of
+        failing the caller.
+        """
+        for attempt in range(_REPLACE_ATTEMPTS):
+            old = [tb.refresh() for tb in tablets]
+            try:
+                self.meta.replace_tablets(table_id, old, make(old))
+                return
+            except ConditionalUpdateError:
+                if attempt + 1 == _REPLACE_ATTEMPTS:
+                    raise
+                time.sleep(min(0.05, 0.002 * 2**attempt))
 
     def merge_tablets(
         self, name: str, start: bytes | str | None = None, end: bytes | str | None = None
@@ -415,8 +443,7 @@ class Store:
                 return
             for tb in group:
                 tb.flush()
-            old = [tb.refresh() for tb in group]
-            self.meta.replace_tablets(info.id, old, [split_ops.merge_tablets(old)])
+            self._replace_tablets(info.id, group, lambda old: [split_ops.merge_tablets(old)])
             self.cancel_compactions(info.id, [tb.extent for tb in group])
             self._host(info.id)
         self._release_logs()
@@ -556,13 +583,16 @@ class Store:
         iterators: Sequence[tuple[str, dict[str, str]]] = (),
         hints: dict[str, str] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        ucid: str | None = None,
     ) -> CompactionSummary:
         """A user compaction: every tablet overlapping [start, end] ends as one file.
 
         A tablet with a single file is rewritten too (its deletes dropped and the compaction
         iterators applied). The work runs on the service the table's dispatcher chooses for
         USER compactions (`hints`, e.g. `{"compaction_type": "big"}`, guide it). With
-        `wait=False` it returns at once; `cancel_compaction` stops it.
+        `wait=False` it returns at once; `cancel_compaction` stops it. `ucid` names the
+        selection (default: a fresh id); a tablet already selected under that id is taken as
+        it is, so a request repeated after a coordinator failover follows its own compaction.
         """
         info = self.meta.get_table(table)
         # An iterator that cannot load would fail every pass and leave the selection pending
@@ -573,7 +603,9 @@ class Store:
         if flush:
             for tb in tablets:
                 tb.flush()
-        uc = self.compactions.start_user(info.id, tablets, iterators=iterators, hints=hints)
+        uc = self.compactions.start_user(
+            info.id, tablets, iterators=iterators, hints=hints, ucid=ucid
+        )
         if wait and not self.compactions.wait_user(uc, timeout, progress):
             if uc.cancelled:
                 raise CompactionCancelledError(f"user compaction {uc.id} of {table} was cancelled")

@@ -33,6 +33,14 @@ from lithify.gc import collect_garbage
 from lithify.rpc.auth import SECRET_HEADER
 from tests.cluster_util import SLOW_ITERATOR, LocalCluster
 from tests.consistency import check_files
+from tests.test_coordinator_core import (  # noqa: F401 - env is a fixture
+    Env,
+    FakeTserver,
+    compact_body,
+    env,
+    table_with_files,
+    wait_for,
+)
 
 #: The contract's "promptly" for a table delete (issue 4, test 8).
 CANCEL_LIMIT_S = 10.0
@@ -162,9 +170,10 @@ def test_deleting_a_table_cancels_its_external_compactions_and_gc_leaves_nothing
         c.write("doomed", entries([f"{r}{i:03d}{j}" for r in "bjs" for j in range(20)], f"v{i}"))
         c.flush("doomed")
     table_id = c.table_info("doomed").id
-    # About 4 s of iterator sleep per compaction: long enough to be caught, short enough that
-    # the compactor (which notices a cancel only between batches) stops within the limit.
-    c.compact("doomed", wait=False, iterators=[(SLOW_ITERATOR, {"sleep_s": "4"})])
+    # 2 s of iterator sleep per batch (a batch per input file here): long enough to be caught,
+    # short enough that the compactor, which notices a cancel only between batches, stops
+    # well within the limit.
+    c.compact("doomed", wait=False, iterators=[(SLOW_ITERATOR, {"sleep_s": "2"})])
     cluster.wait_for(
         lambda: (
             len(running_records(cluster, table_id)) == 2
@@ -244,14 +253,15 @@ def test_split_and_merge_cancel_running_external_compactions(cluster: LocalClust
     again, and every entry is still there, in the right tablet."""
     cluster.start(coordinators=1, compactors=2, external_only=True)
     c = cluster.client()
-    # System compactions of this table sleep ~3 s (a table compaction iterator), so they can be
-    # caught running; four equal flushes per tablet make the ratio planner compact each tablet.
+    # System compactions of this table sleep 1 s per batch (a table compaction iterator; a few
+    # seconds per compaction), so they can be caught running; four equal flushes per tablet make
+    # the ratio planner compact each tablet.
     c.create_table(
         "sm",
         splits=["h", "p"],
         properties={
             "table.iterator.majc.slow": f"10,{SLOW_ITERATOR}",
-            "table.iterator.majc.slow.opt.sleep_s": "3",
+            "table.iterator.majc.slow.opt.sleep_s": "1",
         },
     )
     table_id = c.table_info("sm").id
@@ -274,8 +284,9 @@ def test_split_and_merge_cancel_running_external_compactions(cluster: LocalClust
     compactors = cluster.names("compactor")
 
     t0 = time.monotonic()
-    # The split point lies inside the tablet: "d" in (-inf, h], "r" in (p, +inf).
-    point = "d" if split.end_row == b"h" else "r"
+    # The split point lies between the rows of the tablet: "c" in (-inf, h] (rows b.., d..),
+    # "s" in (p, +inf) (rows r.., t..), so both children have entries to compact.
+    point = "c" if split.end_row == b"h" else "s"
     c.add_splits("sm", [point])
     lo, hi = sorted([merge, partner], key=lambda e: extents.index(e))
     c.merge_tablets("sm", (lo.prev_end_row or b"").decode() + "0", hi.end_row)
@@ -312,8 +323,11 @@ def test_split_and_merge_cancel_running_external_compactions(cluster: LocalClust
         assert [k.row for k, _ in c.scan_entries("sm", inside[0], inside[-1])] == inside
     assert file_kinds(c, "sm") == [["A"]] * 3
     assert check_files(cluster.meta, storage_of(cluster), settled=True) == 3
-    log = cluster.log("coordinator-1")
-    assert "cancelling compaction" in log or "record gone" in log
+    # Both compactions caught running ended CANCELLED at the coordinator, none committed.
+    lines = cluster.log("coordinator-1").splitlines()
+    for ecid in records:
+        assert any(ecid in ln and " cancelled" in ln for ln in lines), ecid
+        assert not any(ecid in ln and "Compacted " in ln for ln in lines), ecid
 
 
 # ---------------------------------------------------------------------- 10. user compaction
@@ -422,3 +436,34 @@ def test_cancelling_a_user_compaction_with_internal_and_external_jobs(
     assert [{f.path for f in t.files} for t in c.tablets("u")] == before
     assert scanned_rows(c, "u") == expected
     assert check_files(cluster.meta, storage_of(cluster), settled=True) == 8
+
+
+def test_coordinator_tells_a_cancelled_request_from_a_finished_one(env: Env) -> None:  # noqa: F811
+    """The fix behind test 10, at the core: a USER cancel passed on by the tablet server while
+    the request's selection is still on the tablets ends the request CANCELLED; a late cancel,
+    after the selection was used up by commits, leaves a FINISHED one FINISHED."""
+    table_id, metas = table_with_files(env, splits=(b"m",))
+    ts = FakeTserver(env.meta)
+    core = env.core(tserver=ts)
+    rid, _ = core.submit_request(compact_body())
+    wait_for(lambda: core.request_status(rid)["progress"]["selection_made"])
+    # The tablet server's order: tell the coordinator, then drop the selections.
+    core.cancel(table_id, None, "USER")
+    ts.cancel_compaction("t")
+    assert core.request_status(rid)["state"] == "CANCELLED"
+    assert core.request_status(rid)["progress"]["error"] == "cancelled by another client"
+
+    done, _ = core.submit_request(compact_body(nonce="n2"))
+    wait_for(lambda: core.request_status(done)["progress"]["selection_made"])
+    for m in metas:  # every pass committed: the selection is used up
+        env.meta.mutate_tablet(m.extent, lambda t: t.replace(selection=None))
+    core.cancel(table_id, None, "USER")
+    assert core.request_status(done)["state"] == "FINISHED"
+    # A cancel of some tablets' jobs (a split, or the tablet server's asynchronous USER cancel
+    # of the tablets it unselected, which may arrive after a new request started) does not
+    # end a request.
+    third, _ = core.submit_request(compact_body(nonce="n3"))
+    wait_for(lambda: core.request_status(third)["progress"]["selection_made"])
+    core.cancel(table_id, [metas[0].extent], None)
+    core.cancel(table_id, [m.extent for m in metas], "USER")
+    assert core.request_status(third)["state"] == "RUNNING"

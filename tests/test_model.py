@@ -69,6 +69,8 @@ MARKER = (b"m", b"clock", b"")
 #: Explicit timestamps stay far below server time (milliseconds since 1970), so a server-stamped
 #: put is always newer than an explicit one.
 MAX_EXPLICIT_TS = 5_000
+#: A user compaction of this little data takes well under a second; waiting longer means it hangs.
+COMPACT_TIMEOUT_S = 60.0
 
 Column = tuple[bytes, bytes, bytes, bytes]
 Entry = tuple[bytes, bytes, bytes, bytes, int, bytes]
@@ -337,7 +339,7 @@ class StoreMachine(RuleBasedStateMachine):
         start, end = rng if rng is not None else (None, None)
         wanted = RowRange.rows(start, end)
         extents = [t.extent for t in self.store.tablets(TABLE) if t.extent.range.overlaps(wanted)]
-        self.store.compact(TABLE, start, end)
+        self.store.compact(TABLE, start, end, timeout=COMPACT_TIMEOUT_S)
         for (row, *_), col in self.model.items():
             if any(e.contains(row) for e in extents):
                 col.drop_deletes()

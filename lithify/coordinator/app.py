@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from lithify.coordinator.core import (
     CompactionCoordinator,
@@ -108,20 +108,27 @@ class CoordinatorHolder:
 # ---------------------------------------------------------------------- models
 
 
-class ExtentModel(BaseModel):
+class _Body(BaseModel):
+    """A request body: unknown fields are refused (422), as the tablet server does, so that a
+    misspelt field is not silently ignored (`extent` for `extents` would cancel a table)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExtentModel(_Body):
     table_id: str
     prev_end_row: str | None = None
     end_row: str | None = None
 
 
-class PlanJobModel(BaseModel):
+class PlanJobModel(_Body):
     files: list[dict[str, Any]] = Field(min_length=1)
     executor: str
     priority: int
     kind: Literal["SYSTEM", "USER"] = "SYSTEM"
 
 
-class PlanRequest(BaseModel):
+class PlanRequest(_Body):
     extent: ExtentModel
     jobs: list[PlanJobModel] = []
 
@@ -130,7 +137,7 @@ class PlanResponse(BaseModel):
     queued: int
 
 
-class CancelRequest(BaseModel):
+class CancelRequest(_Body):
     table_id: str
     extents: list[ExtentModel] | None = None
     kind: Literal["SYSTEM", "USER"] | None = None
@@ -140,7 +147,7 @@ class CancelResponse(BaseModel):
     cancelled: int
 
 
-class NextRequest(BaseModel):
+class NextRequest(_Body):
     queue: str = Field(min_length=1)
     compactor: str = Field(min_length=1)
     address: str | None = None
@@ -152,7 +159,7 @@ class NextResponse(BaseModel):
     job: dict[str, Any] | None
 
 
-class StatusRequest(BaseModel):
+class StatusRequest(_Body):
     ecid: str
     compactor: str
     state: str = "IN_PROGRESS"
@@ -164,20 +171,20 @@ class StatusResponse(BaseModel):
     cancel: bool
 
 
-class ResultModel(BaseModel):
+class ResultModel(_Body):
     entries_read: int = 0
     entries_written: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
 
 
-class FinishedRequest(BaseModel):
+class FinishedRequest(_Body):
     ecid: str
     compactor: str
     result: ResultModel
 
 
-class FailedRequest(BaseModel):
+class FailedRequest(_Body):
     ecid: str
     compactor: str
     state: Literal["FAILED", "CANCELLED"] = "FAILED"
@@ -188,7 +195,7 @@ class AckResponse(BaseModel):
     ack: bool = True
 
 
-class SubmitRequest(BaseModel):
+class SubmitRequest(_Body):
     op: Literal["compact", "flush"]
     table: str
     start: str | None = None
@@ -482,7 +489,8 @@ def create_app(holder: CoordinatorHolder, secret: str) -> FastAPI:
         return PlanResponse(queued=core.plan(extent, jobs))
 
     @app.post("/v1/cancel")
-    async def cancel(body: CancelRequest) -> CancelResponse:
+    def cancel(body: CancelRequest) -> CancelResponse:
+        # A thread, not the loop: a USER cancel reads the table's tablets (`core.cancel`).
         core = holder.require()
         extents = (
             None

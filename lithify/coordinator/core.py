@@ -138,8 +138,13 @@ class CoordinatorConfig:
 
 
 def planned_job_from_json(d: Mapping[str, Any]) -> PlannedJob:
-    """One job of `POST /v1/queues/plan`."""
-    files = tuple(FileRef.from_json(f) for f in d["files"])
+    """One job of `POST /v1/queues/plan`; ValueError (a 4xx) when the job is malformed."""
+    try:
+        files = tuple(FileRef.from_json(f) for f in d["files"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        # A file reference the model could not check (it is a plain dict): a malformed call,
+        # not a server error.
+        raise ValueError(f"a planned job's file is malformed: {e!r}") from None
     if not files:
         raise ValueError("a planned job needs at least one file")
     kind = str(d.get("kind", "SYSTEM"))
@@ -437,7 +442,43 @@ class CompactionCoordinator:
                     run.state = CANCELLING
                     run.cancel_reason = "cancelled"
                     n += 1
+        if kind == "USER" and extents is None:
+            # The table's user compaction is cancelled (the tablet server's cancel endpoint);
+            # a USER cancel naming tablets only drops those tablets' jobs (it is also sent
+            # asynchronously, and may arrive after a new user compaction started).
+            self._cancel_user_requests(table_id)
         return n
+
+    def _cancel_user_requests(self, table_id: str) -> None:
+        """A user compaction of the table was cancelled at the tablet server (another client's
+        cancel, passed on here): the compact requests still waiting for it end CANCELLED.
+
+        Without this a request only saw its selection vanish and answered FINISHED. The tablet
+        server passes the cancel on before it drops the selection, so a request whose selection
+        is still on a tablet now is the one being cancelled; one whose selection is gone already
+        finished (or will be judged by `_follow_request`).
+        """
+        with self._lock:
+            reqs = [
+                r
+                for r in self._requests.values()
+                if r.op == "compact"
+                and r.table_id == table_id
+                and r.state == REQ_RUNNING
+                and r.selected
+            ]
+        if not reqs:
+            return
+        try:
+            tablets = self.meta.tablets(table_id)
+        except TableNotFoundError:
+            return  # deleted: `_follow_request` ends its requests
+        pending = {m.selection.get("id") for m in tablets if m.selection}
+        for req in reqs:
+            if req.selection_id in pending and self._end_request(
+                req, REQ_CANCELLED, "cancelled by another client"
+            ):
+                log.info("request %s (compact %s): cancelled by another client", req.id, req.table)
 
     def queue_depth(self, queue: str) -> int:
         with self._lock:

@@ -204,6 +204,9 @@ class TserverLink:
         request_id: str,
     ) -> str | None:
         body = {
+            # The request id becomes the selection id: a request resubmitted after a failover
+            # then follows the selection it made instead of failing on it (SYSTEM.md 5.6).
+            "id": request_id,
             "start": hex_or_none(start),
             "end": hex_or_none(end),
             "flush": True,

@@ -98,6 +98,12 @@ class FlushRequest(_Body):
 
 
 class CompactRequest(RowSpan):
+    id: str | None = Field(
+        default=None,
+        pattern=r"^[0-9A-Za-z_-]{1,64}$",
+        description="id for the selection (the coordinator's request id); a repeat with the "
+        "same id follows the selection it made",
+    )
     flush: bool = True
     wait: bool = False
     timeout: float | None = Field(default=None, ge=0)
@@ -332,6 +338,7 @@ def create_app(
             flush=body.flush,
             iterators=check_iterators(body.iterators),
             hints=body.hints,
+            ucid=body.id,
         )
         if body.wait:
             limit = (
@@ -349,11 +356,13 @@ def create_app(
     @app.post("/v1/tables/{table}/compact/cancel")
     def cancel_compaction(table: str) -> dict[str, Any]:
         info = store.table_info(table)
-        n = users.cancel(table)
         if link is not None:
             # Synchronous (no store lock is held here): the caller's next user compaction of
-            # the table must not have its jobs dropped by this cancel arriving late.
+            # the table must not have its jobs dropped by this cancel arriving late. Before the
+            # selection is dropped: the coordinator tells a cancelled request from a finished
+            # one by its selection still being there.
             link.cancel(info.id, None, "USER")
+        n = users.cancel(table)
         return {"cancelled": n}
 
     # -- configuration ------------------------------------------------------------------------

@@ -53,8 +53,11 @@ class UserCompactions:
         flush: bool = True,
         iterators: Sequence[tuple[str, Mapping[str, str]]] = (),
         hints: Mapping[str, str] | None = None,
+        ucid: str | None = None,
     ) -> dict[str, Any]:
-        """Select the files of every tablet in range and queue the work; returns its status."""
+        """Select the files of every tablet in range and queue the work; returns its status.
+
+        `ucid` names the selection (see `Store.compact`)."""
         info = self._store.table_info(table)
         summary = self._store.compact(
             table,
@@ -64,6 +67,7 @@ class UserCompactions:
             wait=False,
             iterators=[(c, dict(o)) for c, o in iterators],
             hints=dict(hints or {}),
+            ucid=ucid,
         )
         files_in = sum(
             len(m.selection.get("files", ()))
@@ -118,12 +122,13 @@ class UserCompactions:
         """
         info = self._store.table_info(table)
         running = {m.selection.get("id") for m in self._store.meta.tablets(info.id) if m.selection}
-        n = self._store.cancel_compaction(table)
+        # Flagged before the selections are dropped: a status query in between would otherwise
+        # find no selection left and answer FINISHED.
         with self._lock:
             for req in self._requests.values():
                 if req.id in running:
                     req.cancelled = True
-        return n
+        return self._store.cancel_compaction(table)
 
     def forget_table(self, table_id: str) -> None:
         """The table was deleted: its running compactions end CANCELLED."""

@@ -351,15 +351,23 @@ class CompactionDriver:
         *,
         iterators: IteratorSpecs = (),
         hints: Mapping[str, str] | None = None,
+        ucid: str | None = None,
     ) -> UserCompaction:
-        """Select every file of each tablet (even a single one) for a user compaction."""
-        ucid = uuid.uuid4().hex[:16]
+        """Select every file of each tablet (even a single one) for a user compaction.
+
+        With `ucid` given, a tablet whose pending selection already has that id (the same
+        request made again, after a coordinator failover) counts as selected as it is.
+        """
+        ucid = ucid or uuid.uuid4().hex[:16]
         uc = UserCompaction(ucid, table_id, set(), len(tablets))
         with self._lock:
             self._users[ucid] = uc
+        made: list[Tablet] = []
         for tb in tablets:
 
             def select(m: TabletMeta) -> TabletMeta | None:
+                if m.selection is not None and m.selection.get("id") == ucid:
+                    return None  # selected by this very request before: keep it as it is
                 if m.selection is not None:
                     raise LithifyError(
                         f"user compaction {m.selection['id']} is still pending on {m.extent}; "
@@ -380,12 +388,16 @@ class CompactionDriver:
             try:
                 meta = tb.mutate(select)
             except LithifyError:
-                # All or nothing: undo the selections this request already made.
-                self._unselect([t for t in tablets if t.extent in uc.pending], ucid)
+                # All or nothing: undo the selections this call made (not those it found).
+                self._unselect(made, ucid)
                 with self._lock:
                     self._users.pop(ucid, None)
                 raise
-            if meta is not None and meta.selection is not None and meta.selection["id"] == ucid:
+            if meta is not None:
+                made.append(tb)
+            else:
+                meta = tb.meta  # unchanged: refreshed by `mutate`
+            if meta.selection is not None and meta.selection["id"] == ucid:
                 uc.pending.add(tb.extent)
         if not uc.pending:
             uc.done.set()
