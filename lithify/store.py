@@ -242,7 +242,16 @@ class Store:
         return tablets
 
     def _files_changed(self, extent: Extent) -> None:
-        """Plan the tablet again after a flush, bulk import or compaction commit."""
+        """Plan the tablet again after a flush, bulk import or compaction commit.
+
+        The hosted tablet re-reads its metadata first: a compaction that started before the
+        table went offline and online again commits through the tablet object it started with,
+        and the one hosted now would go on listing the replaced files (which the garbage
+        collector may then delete under its scans).
+        """
+        tb = self._tablet_at(extent)
+        if tb is not None:
+            tb.refresh()
         manager = getattr(self, "manager", None)
         if manager is not None and not self._closed:
             manager.plan(extent)

@@ -457,8 +457,8 @@ def test_store_matches_model(variant: str, metadata_url: str, tmp_path: Path) ->
     run_state_machine_as_test(
         machine,
         settings=settings(
-            max_examples=15,
-            stateful_step_count=30,
+            max_examples=20,
+            stateful_step_count=35,
             deadline=None,
             database=None,
             phases=PHASES,
@@ -590,3 +590,36 @@ def test_imported_delete_hides_puts_that_were_in_memory(
     (tablet,) = store.tablets("t")
     store.compact_files("t", tablet.extent, tablet.files)
     assert _rows(store) == []
+
+
+def test_compaction_committing_after_offline_online_updates_the_hosted_tablet(
+    store: lithify.Store,
+) -> None:
+    """A compaction running when the table goes offline commits through the tablet object it
+    started with; the tablet hosted after `online` must see the new file set, or it keeps
+    listing the replaced files, the garbage collector deletes them, and scans fail."""
+    # Slow compactions down so that one is still running across offline/online.
+    store.set_system_property("tserver.compaction.major.service.default.rate.limit", "8K")
+    store.create_table("t")
+    for k in range(4):
+        store.write(
+            "t",
+            [Mutation(f"r{k}{i:04d}").put("f", "q", "x" * 100, timestamp=1) for i in range(400)],
+        )
+        store.flush("t")
+    extent = store.tablets("t")[0].extent
+    deadline = time.monotonic() + 10
+    while not store.meta.get_tablet(extent).compactions:
+        assert time.monotonic() < deadline, "no background compaction started"
+        time.sleep(0.02)
+    store.offline("t")
+    store.online("t")
+    deadline = time.monotonic() + 60
+    while store.meta.get_tablet(extent).compactions:
+        assert time.monotonic() < deadline, "the background compaction did not finish"
+        time.sleep(0.05)
+    assert [f.path for f in store.tablets("t")[0].files] == [
+        f.path for f in store.meta.get_tablet(extent).files
+    ]
+    store.gc()
+    assert store.count("t") == 1600
