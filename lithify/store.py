@@ -9,6 +9,7 @@ full compactions and the garbage collector.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import fcntl
 import logging
 import os
@@ -54,13 +55,16 @@ from lithify.table.properties import (
 )
 from lithify.tablet.compactions import CompactionDriver
 from lithify.tablet.log_manager import LogManager
-from lithify.tablet.tablet import Tablet, TabletContext
+from lithify.tablet.tablet import Tablet, TabletContext, TabletRetiredError
 from lithify.tablet.wal import read_log
 
 log = logging.getLogger(__name__)
 
 #: Conditional replacements of tablets (split, merge) tried before giving up.
 _REPLACE_ATTEMPTS = 20
+
+#: Times a write is routed again after the tablets it was routed to were split or merged.
+_ROUTE_ATTEMPTS = 1000
 
 #: Rows of a scan batch handed to the caller.
 SCAN_BATCH = 65536
@@ -379,13 +383,15 @@ class Store:
         info = self.meta.get_table(name)
         if info.state == "offline":
             return
-        for tb in self._hosted(info):
-            tb.flush()
-        with self._lock:
-            gone = self._tablets.pop(info.id, [])
-            self._clock_floor[info.id] = max(
-                [self._clock_floor.get(info.id, 0), *(tb.clock.last for tb in gone)]
-            )
+        hosted = self._hosted(info)
+        with _writes_held(hosted):
+            for tb in hosted:
+                tb.flush()
+            with self._lock:
+                gone = self._tablets.pop(info.id, [])
+                self._clock_floor[info.id] = max(
+                    [self._clock_floor.get(info.id, 0), *(tb.clock.last for tb in gone)]
+                )
         self.meta.set_table_state(info.id, "offline")
         self._release_logs()
 
@@ -410,10 +416,13 @@ class Store:
                 inner = [p for p in wanted if tb.extent.contains(p) and p != tb.extent.end_row]
                 if not inner:
                     continue
-                tb.flush()
-                self._replace_tablets(
-                    info.id, [tb], lambda old, inner=inner: split_ops.split_tablet(old[0], inner)
-                )
+                with _writes_held([tb]):
+                    tb.flush()
+                    self._replace_tablets(
+                        info.id,
+                        [tb],
+                        lambda old, inner=inner: split_ops.split_tablet(old[0], inner),
+                    )
                 self.cancel_compactions(info.id, [tb.extent])
             self._host(info.id)
         self._release_logs()
@@ -450,9 +459,10 @@ class Store:
             group = [tb for tb in self._hosted(info) if tb.extent.range.overlaps(rng)]
             if len(group) < 2:
                 return
-            for tb in group:
-                tb.flush()
-            self._replace_tablets(info.id, group, lambda old: [split_ops.merge_tablets(old)])
+            with _writes_held(group):
+                for tb in group:
+                    tb.flush()
+                self._replace_tablets(info.id, group, lambda old: [split_ops.merge_tablets(old)])
             self.cancel_compactions(info.id, [tb.extent for tb in group])
             self._host(info.id)
         self._release_logs()
@@ -472,12 +482,20 @@ class Store:
             entries = mutations_to_table(list(data))
         if entries.num_rows == 0:
             return 0
-        tablets = self._hosted(info)
-        if len(tablets) == 1:
-            tablets[0].write(entries)
+        pending = entries
+        for _ in range(_ROUTE_ATTEMPTS):
+            retry: list[pa.Table] = []
+            for tb, part in _route(pending, self._hosted(info)):
+                try:
+                    tb.write(part)
+                except TabletRetiredError:
+                    retry.append(part)  # split or merged meanwhile: route it again
+            if not retry:
+                break
+            pending = pa.concat_tables(retry)
+            time.sleep(0.01)
         else:
-            for tb, part in _route(entries, tablets):
-                tb.write(part)
+            raise LithifyError(f"table {table!r}: tablets kept changing while writing")
         self._after_write()
         return entries.num_rows
 
@@ -754,6 +772,22 @@ def _b(v: bytes | str | None) -> bytes | None:
     return v.encode() if isinstance(v, str) else v
 
 
+@contextlib.contextmanager
+def _writes_held(tablets: Sequence[Tablet]) -> Iterator[None]:
+    """Hold writes to `tablets` while they are flushed and replaced; on success retire them
+    (held writers then re-route to the new tablets), on failure let the writes through."""
+    for tb in tablets:
+        tb.block_writes()
+    try:
+        yield
+    except BaseException:
+        for tb in tablets:
+            tb.unblock_writes()
+        raise
+    for tb in tablets:
+        tb.retire()
+
+
 def _drop_internal_compactions(m: TabletMeta) -> TabletMeta | None:
     keep = {k: v for k, v in m.compactions.items() if v.get("ecid")}
     return m.replace(compactions=keep) if len(keep) != len(m.compactions) else None
@@ -761,6 +795,9 @@ def _drop_internal_compactions(m: TabletMeta) -> TabletMeta | None:
 
 def _route(entries: pa.Table, tablets: list[Tablet]) -> Iterator[tuple[Tablet, pa.Table]]:
     """Split entries among tablets by row."""
+    if len(tablets) == 1:
+        yield tablets[0], entries
+        return
     rows = entries.column("row")
     for tb in tablets:
         mask = tb.extent.range.mask(rows)

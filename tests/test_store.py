@@ -233,3 +233,40 @@ def test_memory_limit_triggers_flushes(store):
     store.flush("t")
     assert len(store.tablets("t")[0].files) >= 2
     assert len(rows_of(store, "t")) == 2000
+
+
+def test_writes_racing_splits_and_merges_lose_nothing(store):
+    """Writes in flight while their tablet is split or merged are routed to the new tablets."""
+    import threading
+
+    store.create_table("t")
+    acked: list[str] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(100_000):
+                if stop.is_set():
+                    return
+                rows = [f"r{(i * 7 + j) % 1000:03d}-{i}" for j in range(20)]
+                put_rows(store, "t", rows)
+                acked.extend(rows)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    th = threading.Thread(target=writer)
+    th.start()
+    try:
+        for _round in range(4):
+            for k in range(1, 10):
+                store.add_splits("t", [f"r{k * 100:03d}"])
+            store.merge_tablets("t")
+    finally:
+        stop.set()
+        th.join(60)
+    assert not errors, errors
+    assert acked
+    seen = {k.row.decode() for k, _ in store.scan_entries("t")}
+    missing = [r for r in acked if r not in seen]
+    assert not missing, f"{len(missing)} acknowledged rows lost, e.g. {missing[:5]}"

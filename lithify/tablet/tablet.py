@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from lithify.compaction.merge import merge_sorted
 from lithify.data.ranges import Extent, FileRef, RowRange
+from lithify.errors import LithifyError
 from lithify.files.in_use import FilesInUse
 from lithify.files.naming import new_file_name
 from lithify.files.reader import SortedFileReader
@@ -30,6 +31,13 @@ from lithify.tablet.memtable import InMemoryMap
 from lithify.tablet.wal import LogRecord
 
 log = logging.getLogger(__name__)
+
+#: A write waits at most this many tenths of a second for a split or merge of its tablet.
+WRITE_BLOCK_WAITS = 600
+
+
+class TabletRetiredError(LithifyError):
+    """The tablet was split or merged away; the write must be routed again."""
 
 
 @dataclass
@@ -88,6 +96,10 @@ class Tablet:
         self._meta = meta
         self._lock = threading.RLock()
         self._flush_lock = threading.Lock()
+        #: Writes wait while a split or merge replaces this tablet, then fail once it is gone.
+        self._writes_cv = threading.Condition(self._lock)
+        self._writes_blocked = False
+        self._retired = False
         self._memtable = InMemoryMap()
         self._memtable_logs: set[str] = set()
         self._flushing: list[InMemoryMap] = []
@@ -139,6 +151,14 @@ class Tablet:
         """Log and apply entries (all inside this extent); returns the log sequence number."""
         durability = self._ctx.table_props(self.extent.table_id)["table.durability"]
         with self._lock:
+            for _ in range(WRITE_BLOCK_WAITS):
+                if self._retired:
+                    raise TabletRetiredError(f"tablet {self.extent} was split or merged away")
+                if not self._writes_blocked:
+                    break
+                self._writes_cv.wait(0.1)
+            else:
+                raise LithifyError(f"tablet {self.extent}: writes blocked for too long")
             stamped = self.clock.assign(entries)
             seq, log_path = self._ctx.logs.append(self.key, stamped, durability)
             if log_path not in self._meta.logs:
@@ -146,6 +166,23 @@ class Tablet:
             self._memtable.add(stamped, seq)
             self._memtable_logs.add(log_path)
             return seq
+
+    def block_writes(self) -> None:
+        """Hold new writes (in-flight ones finish first) while a split or merge replaces it."""
+        with self._lock:
+            self._writes_blocked = True
+
+    def unblock_writes(self) -> None:
+        with self._writes_cv:
+            self._writes_blocked = False
+            self._writes_cv.notify_all()
+
+    def retire(self) -> None:
+        """The tablet was replaced: held and later writes fail with TabletRetiredError, so the
+        store routes them to the tablets that replaced it."""
+        with self._writes_cv:
+            self._retired = True
+            self._writes_cv.notify_all()
 
     def _add_log_ref(self, log_path: str) -> None:
         def add(m: TabletMeta) -> TabletMeta | None:
