@@ -618,8 +618,15 @@ def test_compaction_committing_after_offline_online_updates_the_hosted_tablet(
     while store.meta.get_tablet(extent).compactions:
         assert time.monotonic() < deadline, "the background compaction did not finish"
         time.sleep(0.05)
-    assert [f.path for f in store.tablets("t")[0].files] == [
-        f.path for f in store.meta.get_tablet(extent).files
-    ]
+
+    def hosted_matches_metadata() -> bool:
+        hosted = [f.path for f in store.tablets("t")[0].files]
+        return hosted == [f.path for f in store.meta.get_tablet(extent).files]
+
+    # The commit's thread refreshes the hosted tablet right after its metadata write.
+    deadline = time.monotonic() + 10
+    while not hosted_matches_metadata():
+        assert time.monotonic() < deadline, "the hosted tablet kept the replaced files"
+        time.sleep(0.05)
     store.gc()
     assert store.count("t") == 1600
