@@ -353,3 +353,23 @@ def test_load_iterators_errors() -> None:
         [("lithify.compaction.iterators:AgeOffFilter", {"ttl": "10", "currentTime": "100"})]
     )
     assert isinstance(it, AgeOffFilter) and it.cutoff == 90
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sources=sources_st, versions=st.sampled_from([1, None]), propagate=st.booleans())
+def test_merge_without_byte_keys_matches_reference(
+    sources: list[list[Entry]], versions: int | None, propagate: bool
+) -> None:
+    """Keys too wide for byte-string sort keys take Arrow's multi-column sort instead."""
+    from lithify.compaction import sort_key
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sort_key, "MAX_KEY_BYTES", 0)
+        got = merged_table(
+            [batched(s, 4) for s in sources],
+            versions=versions,
+            propagate_deletes=propagate,
+            batch_size=5,
+        )
+    want = reference_merge(sources, versions=versions, propagate_deletes=propagate)
+    assert to_entries(got) == want

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lithify.compaction import sort_key
 from lithify.compaction.iterators import CompactionIterator, load_iterators
 from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, sort_tuple
 from lithify.errors import CompactionCancelledError
@@ -177,37 +178,64 @@ def _merge_round(
     parts: list[pa.RecordBatch], versions: int | None, propagate: bool, carry: _Carry
 ) -> pa.RecordBatch:
     """Sort the parts (each sorted) into key order and resolve duplicates/versions/deletes."""
-    if len(parts) == 1:
-        idx = None
-        cols = parts[0].columns
-    else:
-        table = pa.Table.from_batches(parts, schema=ENTRY_SCHEMA)
-        idx = pc.sort_indices(table, sort_keys=SORT_KEYS, memory_pool=MEMORY_POOL)
-        cols = [_gather(table.column(i), idx) for i in range(6)] + [table.column(6)]
-    keep = _resolve(cols, versions, propagate, carry)
+    batch = parts[0] if len(parts) == 1 else pa.concat_batches(parts, memory_pool=MEMORY_POOL)
+    order, same_col = _order(batch, presorted=len(parts) == 1)
+    ts = batch.column(4).to_numpy()
+    dl = _bool_np(batch.column(5))
+    if order is not None:
+        ts, dl = ts[order], dl[order]
+    first = 0 if order is None else int(order[0])
+    last = batch.num_rows - 1 if order is None else int(order[-1])
+    keep = _resolve(
+        same_col,
+        ts,
+        dl,
+        _column(batch, first),
+        _column(batch, last),
+        versions,
+        propagate,
+        carry,
+    )
     if keep is None:
-        value = cols[6] if idx is None else _gather(cols[6], idx)
-        return pa.RecordBatch.from_arrays([*cols[:6], value], schema=ENTRY_SCHEMA)
-    mask = pa.array(keep)
-    out = [pc.filter(c, mask, memory_pool=MEMORY_POOL) for c in cols[:6]]
-    if idx is None:
-        value = pc.filter(cols[6], mask, memory_pool=MEMORY_POOL)
+        return batch if order is None else pc.take(batch, pa.array(order), memory_pool=MEMORY_POOL)
+    chosen = np.flatnonzero(keep) if order is None else order[keep]
+    return pc.take(batch, pa.array(chosen), memory_pool=MEMORY_POOL)
+
+
+def _column(batch: pa.RecordBatch, i: int) -> tuple[bytes, bytes, bytes, bytes]:
+    """The column key (row, family, qualifier, visibility) of entry `i`."""
+    return tuple(batch.column(c)[i].as_py() for c in range(4))  # type: ignore[return-value]
+
+
+def _order(batch: pa.RecordBatch, presorted: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    """(permutation into key order or None if already in order, same-column flags in key order:
+    [i] tells whether entry i is a version of entry i-1's column, [0] is false).
+
+    Byte-string sort keys (see `sort_key`) make this one run-adaptive sort; keys too wide to
+    encode fall back to Arrow's multi-column sort and column-by-column comparisons.
+    """
+    n = batch.num_rows
+    keys = sort_key.encode(batch)
+    if keys is not None:
+        order = None if presorted else sort_key.merge_order(keys)
+        ordered = keys.keys if order is None else keys.keys[order]
+        return order, sort_key.same_column(ordered, keys.column_bytes)
+    if presorted:
+        order, cols = None, batch.columns[:6]
     else:
-        value = _gather(cols[6], pc.filter(idx, mask, memory_pool=MEMORY_POOL))
-    return pa.RecordBatch.from_arrays([*out, value], schema=ENTRY_SCHEMA)
-
-
-def _gather(col: pa.ChunkedArray | pa.Array, idx: pa.Array) -> pa.Array:
-    """`col[idx]` as one contiguous array."""
-    if isinstance(col, pa.ChunkedArray):
-        if col.num_chunks == 1:
-            col = col.chunk(0)
-        else:
-            out = pc.take(col, idx, memory_pool=MEMORY_POOL)
-            if isinstance(out, pa.ChunkedArray):
-                return pa.concat_arrays(out.chunks, memory_pool=MEMORY_POOL)
-            return out
-    return pc.take(col, idx, memory_pool=MEMORY_POOL)
+        idx = pc.sort_indices(batch, sort_keys=SORT_KEYS, memory_pool=MEMORY_POOL)
+        order = idx.to_numpy()
+        cols = [pc.take(batch.column(i), idx, memory_pool=MEMORY_POOL) for i in range(4)]
+    same_col = np.zeros(n, dtype=bool)
+    if n > 1:
+        eq = None
+        for c in cols[:4]:
+            if _all_empty(c):
+                continue
+            e = pc.equal(c.slice(1), c.slice(0, n - 1), memory_pool=MEMORY_POOL)
+            eq = e if eq is None else pc.and_(eq, e, memory_pool=MEMORY_POOL)
+        same_col[1:] = True if eq is None else _bool_np(eq)
+    return order, same_col
 
 
 def _all_empty(col: pa.Array) -> bool:
@@ -226,28 +254,27 @@ def _bool_np(a: pa.Array) -> np.ndarray:
 
 
 def _resolve(
-    cols: list[pa.Array], versions: int | None, propagate: bool, carry: _Carry
+    same_col: np.ndarray,
+    ts: np.ndarray,
+    dl: np.ndarray,
+    first_col: tuple[bytes, bytes, bytes, bytes],
+    last_col: tuple[bytes, bytes, bytes, bytes],
+    versions: int | None,
+    propagate: bool,
+    carry: _Carry,
 ) -> np.ndarray | None:
-    """Mask of entries to keep (None: keep all), for key-ordered `cols`; updates `carry`."""
-    n = len(cols[0])
-    key_cols = cols[:4]
-    ts = cols[4].to_numpy()
-    dl = _bool_np(cols[5])
-    same_col = np.zeros(n, dtype=bool)
-    if n > 1:
-        eq = None
-        for c in key_cols:
-            if _all_empty(c):
-                continue
-            e = pc.equal(c.slice(1), c.slice(0, n - 1), memory_pool=MEMORY_POOL)
-            eq = e if eq is None else pc.and_(eq, e, memory_pool=MEMORY_POOL)
-        same_col[1:] = True if eq is None else _bool_np(eq)
-    first_col = tuple(c[0].as_py() for c in key_cols)
+    """Mask of entries to keep (None: keep all), for entries in key order; updates `carry`.
+
+    `same_col` says whether entry i is a version of entry i-1's column; `ts` and
+    `dl` are the timestamps and delete flags in key order; `first_col`/`last_col` the column keys
+    of the first and last entry, to continue the column carried over from the previous round.
+    """
+    n = len(ts)
     continuing = carry.col is not None and first_col == carry.col
+    same_col = same_col.copy()
     same_col[0] = continuing
     same_key = same_col.copy()
-    if n > 1:
-        same_key[1:] &= (ts[1:] == ts[:-1]) & (dl[1:] == dl[:-1])
+    same_key[1:] &= (ts[1:] == ts[:-1]) & (dl[1:] == dl[:-1])
     if continuing:
         same_key[0] = bool(ts[0] == carry.timestamp and dl[0] == carry.deleted)
     live = ~same_key
@@ -272,7 +299,7 @@ def _resolve(
     if propagate:
         keep |= is_del & (del_before == 0)
 
-    carry.col = tuple(c[n - 1].as_py() for c in key_cols)  # type: ignore[assignment]
+    carry.col = last_col
     carry.timestamp = int(ts[-1])
     carry.deleted = bool(dl[-1])
     carry.deletes = int(del_before[-1] + is_del[-1])
