@@ -515,6 +515,10 @@ class Client:
         """The tablet server's status (URL, tables, tablets, memory, coordinator)."""
         return self._call("GET", "/v1/status")
 
+    def gc(self) -> list[str]:
+        """Have the tablet server delete data files that nothing refers to; returns their paths."""
+        return list(self._call("POST", "/v1/gc")["paths"])
+
     def close(self) -> None:
         self._rpc.close()
         if self._meta is not None:

@@ -374,6 +374,29 @@ def test_tserver_restart_keeps_data_and_clients_follow_it(cluster: LocalCluster)
     assert [r[0] for r in rows(c, "t")] == [b"a", b"b", b"c"]
 
 
+def test_tserver_collects_garbage_periodically_and_on_request(cluster: LocalCluster):
+    cluster.start(tserver=False, coordinators=0, compactors=0)
+    cluster.add("tserver", "--gc-interval", "1")
+    c = cluster.client()
+    c.create_table("t")
+    for keys in (["a", "b"], ["c"]):
+        put(c, "t", keys)
+        c.flush("t")
+    flushed = {f.path for t in c.tablets("t") for f in t.files}
+    assert len(flushed) == 2
+    c.compact("t")
+    (compacted,) = {f.path for t in c.tablets("t") for f in t.files}
+    data = cluster.directory / "data"
+    cluster.wait_for(
+        lambda: not any((data / p).exists() for p in flushed), 30, "the periodic collector"
+    )
+    assert (data / compacted).exists()
+    assert [r[0] for r in rows(c, "t")] == [b"a", b"b", b"c"]
+    c.delete_table("t")
+    assert c.gc() == [compacted] or not (data / compacted).exists()
+    assert not (data / compacted).exists()
+
+
 def test_idle_compactor_stops_promptly_on_sigterm(cluster: LocalCluster):
     cluster.start(coordinators=0, compactors=1)
     t0 = time.monotonic()

@@ -20,9 +20,21 @@ from lithify.cli.main import METADATA_OPTION
 @METADATA_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=0, show_default=True, help="Port to listen on (0: any free one).")
+@click.option(
+    "--gc-interval",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds between garbage collection passes (0: only on request, POST /v1/gc).",
+)
 @click.option("--announce", default=None, hidden=True, help="Write {url, pid} here once serving.")
 def tserver(
-    directory: str, metadata_url: str | None, host: str, port: int, announce: str | None
+    directory: str,
+    metadata_url: str | None,
+    host: str,
+    port: int,
+    gc_interval: float,
+    announce: str | None,
 ) -> None:
     """Host every tablet of the instance and serve it over HTTP.
 
@@ -34,6 +46,11 @@ def tserver(
 
     sys.exit(
         run_tserver(
-            directory, metadata_url=metadata_url, host=host, port=port, announce_file=announce
+            directory,
+            metadata_url=metadata_url,
+            host=host,
+            port=port,
+            announce_file=announce,
+            gc_interval_s=gc_interval,
         )
     )

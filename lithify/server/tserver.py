@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -33,6 +34,9 @@ from lithify.server.tserver_app import create_app
 from lithify.store import Store
 
 log = logging.getLogger(__name__)
+
+#: Seconds between garbage collection passes of a tablet server.
+DEFAULT_GC_INTERVAL_S = 300.0
 
 
 class LeaseKeeper:
@@ -90,6 +94,30 @@ def _hosted_extents(store: Store) -> list[lithify.Extent]:
     return out
 
 
+class PeriodicGc:
+    """Runs the garbage collector every `interval_s` seconds (never when it is 0).
+
+    The tablet server is the process that knows which files its scans and flushes are using, so
+    it is the one place the collector can run safely while the instance is live; compactors'
+    outputs are protected by their running records and final states in the metadata.
+    """
+
+    def __init__(self, store: Store, interval_s: float) -> None:
+        self._store = store
+        self._interval = interval_s
+        self._last = time.monotonic()
+
+    def tick(self) -> None:
+        """Collect if the interval has passed since the last pass; never raises."""
+        if self._interval <= 0 or time.monotonic() - self._last < self._interval:
+            return
+        self._last = time.monotonic()
+        try:
+            self._store.gc()
+        except Exception:
+            log.exception("garbage collection failed; retrying in %.0f s", self._interval)
+
+
 def _resync(store: Store) -> None:
     """Re-read every hosted tablet's metadata and plan the ones that changed: a safety net for
     refresh calls from the coordinator that never arrived."""
@@ -105,8 +133,12 @@ def run_tserver(
     host: str = "127.0.0.1",
     port: int = 0,
     announce_file: str | os.PathLike | None = None,
+    gc_interval_s: float = DEFAULT_GC_INTERVAL_S,
 ) -> int:
-    """Run a tablet server until SIGTERM/SIGINT; returns the process exit status."""
+    """Run a tablet server until SIGTERM/SIGINT; returns the process exit status.
+
+    Unreferenced data files are deleted every `gc_interval_s` seconds (0: only on request).
+    """
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -143,7 +175,9 @@ def run_tserver(
             log.info("tablet server of %s serving at %s", Path(directory).resolve(), url)
             if announce_file:
                 announce(announce_file, url)
+            gc = PeriodicGc(store, gc_interval_s)
             while not stop.wait(0.5):
+                gc.tick()
                 if not server.alive:
                     log.error("the HTTP server stopped unexpectedly")
                     status = 1

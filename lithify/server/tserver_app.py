@@ -384,6 +384,14 @@ def create_app(
         store.set_system_property(body.name, body.value)
         return system_properties()
 
+    # -- garbage ------------------------------------------------------------------------------
+
+    @app.post("/v1/gc")
+    def gc() -> dict[str, Any]:
+        """Delete the data files no tablet, running compaction or scan of this server uses."""
+        deleted = store.gc()
+        return {"deleted": len(deleted), "paths": deleted}
+
     # -- the coordinator ----------------------------------------------------------------------
 
     @app.post("/v1/tablets/refresh")
