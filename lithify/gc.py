@@ -9,6 +9,7 @@ scan that started before a compaction committed can still finish reading its inp
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from lithify.files.in_use import FilesInUse
 from lithify.files.storage import Storage
@@ -19,8 +20,8 @@ log = logging.getLogger(__name__)
 DATA_PREFIX = "tables"
 
 
-def collect_garbage(storage: Storage, meta: MetadataStore, in_use: FilesInUse) -> list[str]:
-    """Delete unreferenced files under the data directory; returns the deleted paths.
+def find_garbage(storage: Storage, meta: MetadataStore, in_use: FilesInUse) -> set[str]:
+    """Data files that no tablet or compaction refers to and nothing in this process uses.
 
     The order of the reads matters: list the files first, then what is in use, then what is
     referenced, so that a file created during the pass is always seen as used or referenced.
@@ -28,9 +29,25 @@ def collect_garbage(storage: Storage, meta: MetadataStore, in_use: FilesInUse) -
     candidates = storage.list_files(DATA_PREFIX)
     busy = in_use.snapshot()
     referenced = meta.referenced_files()
+    return {p for p in candidates if p not in referenced and p not in busy}
+
+
+def collect_garbage(
+    storage: Storage,
+    meta: MetadataStore,
+    in_use: FilesInUse,
+    *,
+    only: Collection[str] | None = None,
+) -> list[str]:
+    """Delete unreferenced files under the data directory; returns the deleted paths.
+
+    With `only`, just those of them that are also in `only`: a caller that deletes what two
+    passes some time apart both found spares files that a slow reader with an out-of-date view
+    of a tablet (its tablet server not yet told of an external commit) may still open.
+    """
     deleted = []
-    for path in candidates:
-        if path in referenced or path in busy:
+    for path in sorted(find_garbage(storage, meta, in_use)):
+        if only is not None and path not in only:
             continue
         storage.delete(path)
         deleted.append(path)

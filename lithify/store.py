@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,7 @@ from lithify.files.bulk import validate_import_file
 from lithify.files.in_use import FilesInUse
 from lithify.files.naming import new_file_name
 from lithify.files.storage import Storage
-from lithify.gc import collect_garbage
+from lithify.gc import collect_garbage, find_garbage
 from lithify.metadata.store import MetadataStore, TableInfo, TabletMeta
 from lithify.table import splits as split_ops
 from lithify.table.properties import (
@@ -666,17 +666,19 @@ class Store:
         added: list[FileRef] = []
         for src in paths:
             rel = new_file_name("I", info.id)
-            with builtins.open(src, "rb") as fin, self.storage.open_output(rel) as fout:
-                while chunk := fin.read(1 << 20):
-                    fout.write(chunk)
-            try:
-                meta = validate_import_file(self.storage, rel)
-            except BaseException:
-                self.storage.delete(rel)
-                raise
-            span = RowRange.rows(meta.first_key.row, meta.last_key.row)
-            ref = FileRef(rel, meta.size, meta.entries)
+            # In use from before its first byte: a garbage collection pass must not take the
+            # copy for garbage before a tablet refers to it.
             with self.in_use.using([rel]):
+                with builtins.open(src, "rb") as fin, self.storage.open_output(rel) as fout:
+                    while chunk := fin.read(1 << 20):
+                        fout.write(chunk)
+                try:
+                    meta = validate_import_file(self.storage, rel)
+                except BaseException:
+                    self.storage.delete(rel)
+                    raise
+                span = RowRange.rows(meta.first_key.row, meta.last_key.row)
+                ref = FileRef(rel, meta.size, meta.entries)
                 for tb in tablets:
                     fenced = split_ops.fence_to(ref, tb.extent.range)
                     if fenced is not None and tb.extent.range.overlaps(span):
@@ -727,11 +729,16 @@ class Store:
 
     # -- garbage ------------------------------------------------------------------------------
 
-    def gc(self) -> list[str]:
-        """Delete data files that no tablet refers to and nothing in this process uses."""
-        deleted = collect_garbage(self.storage, self.meta, self.in_use)
+    def gc(self, *, only: Collection[str] | None = None) -> list[str]:
+        """Delete data files that no tablet refers to and nothing in this process uses (with
+        `only`: just those of them in `only`, see `collect_garbage`)."""
+        deleted = collect_garbage(self.storage, self.meta, self.in_use, only=only)
         self._release_logs()
         return deleted
+
+    def find_garbage(self) -> set[str]:
+        """The files `gc` would delete now."""
+        return find_garbage(self.storage, self.meta, self.in_use)
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -99,13 +99,16 @@ class PeriodicGc:
 
     The tablet server is the process that knows which files its scans and flushes are using, so
     it is the one place the collector can run safely while the instance is live; compactors'
-    outputs are protected by their running records and final states in the metadata.
+    outputs are protected by their running records and final states in the metadata. A file is
+    deleted only when two passes one interval apart both found it unreferenced, which spares a
+    scan that began on a view of the tablet older than an external commit.
     """
 
     def __init__(self, store: Store, interval_s: float) -> None:
         self._store = store
         self._interval = interval_s
         self._last = time.monotonic()
+        self._pending: set[str] = set()
 
     def tick(self) -> None:
         """Collect if the interval has passed since the last pass; never raises."""
@@ -113,7 +116,9 @@ class PeriodicGc:
             return
         self._last = time.monotonic()
         try:
-            self._store.gc()
+            if self._pending:
+                self._store.gc(only=self._pending)
+            self._pending = self._store.find_garbage()
         except Exception:
             log.exception("garbage collection failed; retrying in %.0f s", self._interval)
 
@@ -137,7 +142,8 @@ def run_tserver(
 ) -> int:
     """Run a tablet server until SIGTERM/SIGINT; returns the process exit status.
 
-    Unreferenced data files are deleted every `gc_interval_s` seconds (0: only on request).
+    Unreferenced data files are deleted after two passes `gc_interval_s` seconds apart found
+    them (0: only on request).
     """
     stop = threading.Event()
 
