@@ -14,89 +14,28 @@ import json
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 
-import pyarrow as pa
 import pytest
 
 import lithify
 from lithify import Mutation
-from lithify.compaction.iterators import CompactionIterator
 from lithify.compaction.planner import DefaultCompactionPlanner
 from lithify.compaction.spi import CompactionDispatcher, CompactionKind
 from lithify.errors import ConfigError
+from tests.gates import WAIT_S, Gate, new_gate, wait_until
 
 SVC = "tserver.compaction.major.service."
 CS1_EXECUTORS = SVC + "cs1.planner.opts.executors"
-WAIT_S = 30.0
 #: Rows that fall one into each tablet of a table split at SPLITS.
 SPLITS = ["b", "d", "f", "h", "j", "l"]
 ROWS = ["a", "c", "e", "g", "i", "k", "m"]
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
-
-# -- a gate that holds compactions open -----------------------------------------------------------
-
-
-@dataclass
-class Gate:
-    """Compactions whose iterator names this gate block in `apply` until the gate opens.
-
-    `active` is how many compactions are inside the gate now, `peak` the most at once.
-    A compaction never waits longer than `max_wait` seconds, so a failing test cannot hang.
-    """
-
-    name: str
-    max_wait: float = WAIT_S
-    opened: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    active: int = 0
-    peak: int = 0
-    entered: int = 0
-
-    def open(self) -> None:
-        self.opened.set()
-
-
-GATES: dict[str, Gate] = {}
-
-
-class GatedIterator(CompactionIterator):
-    """Keeps every entry; blocks on the gate named by option `gate` (if it is registered)."""
-
-    def init(self, options: Mapping[str, str]) -> None:
-        self.gate = GATES.get(options.get("gate", ""))
-
-    def apply(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        g = self.gate
-        if g is None:
-            return batch
-        with g.lock:
-            g.active += 1
-            g.entered += 1
-            g.peak = max(g.peak, g.active)
-        try:
-            g.opened.wait(g.max_wait)
-        finally:
-            with g.lock:
-                g.active -= 1
-        return batch
-
-
 def gate_properties(gate: Gate) -> dict[str, str]:
     """Table properties that run every compaction of the table through `gate`."""
     return {
-        "table.iterator.majc.gate": f"10,{__name__}:GatedIterator",
+        "table.iterator.majc.gate": f"10,{gate.iterator()[0]}",
         "table.iterator.majc.gate.opt.gate": gate.name,
     }
 
@@ -140,11 +79,8 @@ def store(tmp_path, metadata_url) -> Iterator[lithify.Store]:
 @pytest.fixture
 def gate(store: lithify.Store) -> Iterator[Gate]:
     """A fresh gate; opened (before the store closes) when the test ends, pass or fail."""
-    g = Gate(f"g{uuid.uuid4().hex[:8]}")
-    GATES[g.name] = g
-    yield g
-    g.open()
-    GATES.pop(g.name, None)
+    with new_gate() as g:
+        yield g
 
 
 def executors_json(*specs: dict) -> str:

@@ -17,18 +17,13 @@ import pytest
 from lithify.compaction.executor import InternalExecutor, QueuedJob
 from lithify.compaction.rate_limit import TokenBucket
 from lithify.compaction.spi import CompactableFile, CompactionJob, CompactionKind
+from tests import gates
 
 WAIT_S = 10.0
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    """Poll `cond` until it holds or `timeout` passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
+    return gates.wait_until(cond, timeout, poll_s=0.01)
 
 
 def pool_threads(executor_id: str = "i.test.x") -> int:

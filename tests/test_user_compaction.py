@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,55 +28,12 @@ from lithify.compaction.compactor_job import CompactionRequest, CompactionResult
 from lithify.compaction.iterators import CompactionIterator
 from lithify.data.ranges import FileRef
 from lithify.errors import CompactionCancelledError, ConfigError
+from tests.gates import WAIT_S, Gate, new_gate, wait_until
 
 SVC = "tserver.compaction.major.service."
-WAIT_S = 30.0
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 # -- iterators of this module ---------------------------------------------------------------------
-
-
-@dataclass
-class Gate:
-    """Compactions whose iterator names this gate wait in `apply` until it opens (bounded)."""
-
-    name: str
-    opened: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    active: int = 0
-    entered: int = 0
-
-
-GATES: dict[str, Gate] = {}
-
-
-class GatedIterator(CompactionIterator):
-    """Keeps every entry; blocks while the gate named by option `gate` is closed."""
-
-    def init(self, options: Mapping[str, str]) -> None:
-        self.gate = GATES.get(options.get("gate", ""))
-
-    def apply(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        g = self.gate
-        if g is not None:
-            with g.lock:
-                g.active += 1
-                g.entered += 1
-            try:
-                g.opened.wait(WAIT_S)
-            finally:
-                with g.lock:
-                    g.active -= 1
-        return batch
 
 
 class DropValuePrefix(CompactionIterator):
@@ -106,15 +61,12 @@ def store(tmp_path, metadata_url) -> Iterator[lithify.Store]:
 @pytest.fixture
 def gate(store: lithify.Store) -> Iterator[Gate]:
     """A fresh gate, opened when the test ends (before the store closes), pass or fail."""
-    g = Gate(f"g{uuid.uuid4().hex[:8]}")
-    GATES[g.name] = g
-    yield g
-    g.opened.set()
-    GATES.pop(g.name, None)
+    with new_gate() as g:
+        yield g
 
 
 def gated(gate: Gate) -> list[tuple[str, dict[str, str]]]:
-    return [(f"{__name__}:GatedIterator", {"gate": gate.name})]
+    return [gate.iterator()]
 
 
 def put(store: lithify.Store, table: str, rows: list[str], tag: str) -> None:
