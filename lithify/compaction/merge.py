@@ -4,12 +4,14 @@ Sources are sorted runs of entries (Arrow record batches in ENTRY_SCHEMA), liste
 The merge works in rounds so that memory is bounded by about (number of sources x batch_size)
 entries whatever the input size:
 
-1. every source holds one buffer (a window of at most `batch_size` entries);
-2. the cut-off is the smallest "last key" among the buffers: every entry <= cut-off that any
+1. every source buffers at least `batch_size` entries (or all it has left); its window is the
+   first `batch_size` of them;
+2. the cut-off is the smallest "last key" among the windows: every entry <= cut-off that any
    source will ever produce is now buffered, because each source is sorted;
 3. the part <= cut-off of every buffer (found by binary search) is merged with one stable sort
-   (ties keep source order, so the newest source's copy of a duplicate comes first), then
-   duplicates, versions and deletes are resolved with vectorised numpy/pyarrow operations;
+   of byte-string keys (`sort_key`; ties keep source order, so the newest source's copy of a
+   duplicate comes first), then duplicates, versions and deletes are resolved with vectorised
+   numpy operations and every column is gathered once;
 4. the state of the last column (its key, puts and deletes seen) carries into the next round,
    because a column's versions may straddle the cut-off.
 
@@ -53,32 +55,68 @@ class _Carry:
 
 
 class _Source:
-    """One sorted run and its current buffer (the unconsumed part of its latest batch)."""
+    """One sorted run and its buffered batches (the unconsumed entries read so far)."""
 
-    __slots__ = ("it", "buf", "done")
+    __slots__ = ("it", "bufs", "rows", "done")
 
     def __init__(self, it: Iterator[pa.RecordBatch]) -> None:
         self.it = it
-        self.buf: pa.RecordBatch | None = None
+        self.bufs: list[pa.RecordBatch] = []
+        self.rows = 0
         self.done = False
 
-    def fill(self, check: Callable[[], None]) -> None:
-        """Make `buf` non-empty, or mark the source done."""
-        while not self.done and (self.buf is None or self.buf.num_rows == 0):
+    def fill(self, want: int, check: Callable[[], None]) -> None:
+        """Buffer at least `want` entries, or all that are left (then the source is done).
+
+        Keeping every source's buffer full keeps the rounds large: a round takes each source's
+        entries up to the smallest "last key", and a source holding only the leftover of its
+        previous batch would make that cut-off, and the round, tiny.
+        """
+        while not self.done and self.rows < want:
             check()
             try:
                 b = next(self.it)
             except StopIteration:
                 self.done = True
-                self.buf = None
                 return
             if isinstance(b, pa.Table):
                 b = b.combine_chunks().to_batches()[0] if b.num_rows else None
                 if b is None:
                     continue
+            if b.num_rows == 0:
+                continue
             if b.schema != ENTRY_SCHEMA:
                 b = pa.RecordBatch.from_arrays(b.columns, schema=ENTRY_SCHEMA)
-            self.buf = b
+            self.bufs.append(b)
+            self.rows += b.num_rows
+
+    def window_last(self, limit: int) -> KeyTuple:
+        """The key of the last entry among the first `limit` buffered ones."""
+        seen = 0
+        for b in self.bufs:
+            if seen + b.num_rows >= limit:
+                return _key(b, limit - seen - 1)
+            seen += b.num_rows
+        b = self.bufs[-1]
+        return _key(b, b.num_rows - 1)
+
+    def take_through(self, cutoff: KeyTuple) -> list[pa.RecordBatch]:
+        """Remove and return the buffered entries whose keys are <= `cutoff`."""
+        out: list[pa.RecordBatch] = []
+        while self.bufs:
+            b = self.bufs[0]
+            if _key(b, b.num_rows - 1) <= cutoff:
+                out.append(b)
+                self.bufs.pop(0)
+                self.rows -= b.num_rows
+                continue
+            cut = 0 if _key(b, 0) > cutoff else bisect.bisect_right(_KeyView(b), cutoff)
+            if cut:
+                out.append(b.slice(0, cut))
+                self.bufs[0] = b.slice(cut)
+                self.rows -= cut
+            break
+        return out
 
 
 def _key(batch: pa.RecordBatch, i: int) -> KeyTuple:
@@ -140,27 +178,15 @@ def merge_sorted(
     # A bounded loop: every round consumes at least one entry from some source.
     while True:
         for s in srcs:
-            s.fill(check)
-        live = [s for s in srcs if s.buf is not None]
+            s.fill(batch_size, check)
+        live = [s for s in srcs if s.rows]
         if not live:
             break
         check()
-        windows = [
-            s.buf if s.buf.num_rows <= batch_size else s.buf.slice(0, batch_size) for s in live
-        ]
-        lasts = [_key(w, w.num_rows - 1) for w in windows]
-        cutoff = min(lasts)
-        parts: list[pa.RecordBatch] = []
-        for s, w, last in zip(live, windows, lasts, strict=True):
-            if last <= cutoff:
-                cut = w.num_rows
-            elif _key(w, 0) > cutoff:
-                continue
-            else:
-                cut = bisect.bisect_right(_KeyView(w), cutoff)
-            parts.append(w if cut == w.num_rows else w.slice(0, cut))
-            assert s.buf is not None
-            s.buf = s.buf.slice(cut) if cut < s.buf.num_rows else None
+        # Every entry <= cutoff that any source will ever produce is buffered now (each source
+        # is sorted), and the source that set it gives its whole window: the round is not empty.
+        cutoff = min(s.window_last(batch_size) for s in live)
+        parts = [p for s in live for p in s.take_through(cutoff)]
         n_in = sum(p.num_rows for p in parts)
         read += n_in
         out = _merge_round(parts, versions, propagate_deletes, carry)
