@@ -4,8 +4,8 @@ Sources are sorted runs of entries (Arrow record batches in ENTRY_SCHEMA), liste
 The merge works in rounds so that memory is bounded by about (number of sources x batch_size)
 entries whatever the input size:
 
-1. every source buffers at least `batch_size` entries (or all it has left); its window is the
-   first `batch_size` of them;
+1. every source buffers at least half a batch of entries (or all it has left); its window is
+   the first half batch of them;
 2. the cut-off is the smallest "last key" among the windows: every entry <= cut-off that any
    source will ever produce is now buffered, because each source is sorted;
 3. the part <= cut-off of every buffer (found by binary search) is merged with one stable sort
@@ -176,16 +176,19 @@ def merge_sorted(
     carry = _Carry()
     read = written = 0
     # A bounded loop: every round consumes at least one entry from some source.
+    # Half a batch per source: enough for large rounds, while a source holds 1.5 batches at most
+    # (its reader's batches are `batch_size`), so memory stays within the callers' budgets.
+    window = (batch_size + 1) // 2
     while True:
         for s in srcs:
-            s.fill(batch_size, check)
+            s.fill(window, check)
         live = [s for s in srcs if s.rows]
         if not live:
             break
         check()
         # Every entry <= cutoff that any source will ever produce is buffered now (each source
         # is sorted), and the source that set it gives its whole window: the round is not empty.
-        cutoff = min(s.window_last(batch_size) for s in live)
+        cutoff = min(s.window_last(window) for s in live)
         parts = [p for s in live for p in s.take_through(cutoff)]
         n_in = sum(p.num_rows for p in parts)
         read += n_in
