@@ -149,7 +149,7 @@ class SortedFileReader:
             for batch in it:
                 if batch.schema != ENTRY_SCHEMA:
                     batch = _conform(batch, self.path)
-                if bounded:
+                if bounded and not _inside(batch, rng):
                     mask = rng.mask(batch.column(0))
                     if mask is not None:
                         n_in = mask.true_count
@@ -162,6 +162,12 @@ class SortedFileReader:
             raise
         except _READ_ERRORS as e:
             raise CorruptFileError(f"corrupt file {self.path}: {e}") from None
+
+
+def _inside(batch: pa.RecordBatch, rng: RowRange) -> bool:
+    """True when every row of the (sorted) batch is in `rng`: its first and last are."""
+    rows = batch.column(0)
+    return len(rows) > 0 and rng.contains(rows[0].as_py()) and rng.contains(rows[-1].as_py())
 
 
 def _conform(batch: pa.RecordBatch, path: str) -> pa.RecordBatch:
