@@ -22,7 +22,7 @@ from lithify.data.ranges import FileRef
 from lithify.files.storage import Storage
 from lithify.metadata.store import MetadataStore, TabletMeta
 from lithify.rpc.client import RpcClient, RpcError
-from lithify.rpc.wire import extent_to_json
+from lithify.rpc.wire import extent_from_json, extent_to_json
 from lithify.server.instance import bind, ensure_secret, open_metadata, url_of
 from lithify.server.serving import ServerThread
 
@@ -121,6 +121,59 @@ def test_plan_next_status_failed_over_http(served: Served) -> None:
     with pytest.raises(RpcError) as e:
         c.call("POST", "/v1/queues/plan", {"extent": extent_to_json(m.extent), "jobs": "x"})
     assert e.value.status == 422
+
+
+def test_fast_lane_answers_like_the_routes(served: Served) -> None:
+    """The compactor calls taken by the fast lane (`_HotRoutes`) keep FastAPI's answers for
+    bodies the model refuses, and the app's error mapping for what the handlers raise."""
+    c = served.client
+    for bad in (
+        {**next_body("e1"), "extra": 1},  # unknown field
+        {"queue": "q", "compactor": "c1"},  # missing ECID
+        {**next_body("e1"), "wait_s": "soon"},
+    ):
+        with pytest.raises(RpcError) as e:
+            c.call("POST", "/v1/compactor/next", bad)
+        assert e.value.status == 422 and isinstance(e.value.detail, list), e.value.detail
+    with pytest.raises(RpcError) as e:
+        c.call("POST", "/v1/compactor/status", {"ecid": "e1"})
+    assert e.value.status == 422 and isinstance(e.value.detail, list)
+    (m,) = served.tablets(1)
+    c.call("POST", "/v1/queues/plan", plan_body(m))
+    with pytest.raises(RpcError) as e:
+        c.call("POST", "/v1/compactor/next", next_body("a/b"))  # the core refuses it
+    assert e.value.status == 422 and "invalid ECID" in str(e.value.detail)
+    with pytest.raises(RpcError) as e:
+        c.call_bytes("POST", "/v1/compactor/next", b"{not json", content_type="application/json")
+    assert e.value.status == 422
+
+
+def test_concurrent_compactors_drain_the_queue_once(served: Served) -> None:
+    """Reservations asked at once are group-committed; each job still goes to one compactor
+    and is recorded in the metadata before its compactor has it."""
+    metas = served.tablets(40)
+    for m in metas:
+        served.client.call("POST", "/v1/queues/plan", plan_body(m))
+    jobs: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def compactor(i: int) -> None:
+        for n in range(100):  # bounded: the queue holds 40 jobs
+            job = served.client.call("POST", "/v1/compactor/next", next_body(f"e{i}-{n}"))["job"]
+            if job is None:
+                return
+            rec = served.meta.get_tablet(extent_from_json(job["extent"])).compactions
+            assert job["ecid"] in rec
+            with lock:
+                jobs.append(job)
+
+    threads = [threading.Thread(target=compactor, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(jobs) == 40
+    assert len({json.dumps(j["extent"], sort_keys=True) for j in jobs}) == 40
 
 
 def test_long_poll_wakes_as_soon_as_a_job_is_queued(served: Served) -> None:

@@ -88,6 +88,8 @@ _SEEN_MEMORY = 4096
 #: Above this many running compactions of one table, the check reads the whole table once
 #: instead of each tablet.
 _CHECK_WHOLE_TABLE = 32
+#: Conflicting writes a reservation tolerates before its job is dropped as too busy.
+_RESERVE_ATTEMPTS = 20
 
 
 class NotActiveError(LithifyError):
@@ -304,6 +306,74 @@ class CoordinatorMetrics:
     requests: dict[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """One compactor's ask for work (`POST /v1/compactor/next`), as `next_jobs` takes it."""
+
+    queue: str
+    compactor: str
+    address: str | None
+    ecid: str
+
+
+#: What `next_jobs` answers per request: the job, None (no work now), or that request's error.
+JobAnswer = dict[str, Any] | Exception | None
+
+
+@dataclass
+class _Reservation:
+    """One job being reserved for one request.
+
+    `apply` is the reservation rule as a function of the tablet's metadata; the metadata store
+    may call it more than once (a conflict re-reads the tablet), and each call records what it
+    chose (the record, the input files, the user selection) for the job that is handed out.
+    """
+
+    request: JobRequest
+    qj: QueuedJob
+    props: Properties
+    record: dict[str, Any] = field(default_factory=dict)
+    files: list[FileRef] = field(default_factory=list)
+    selection: dict[str, Any] | None = None
+
+    def apply(self, m: TabletMeta) -> TabletMeta:
+        """`m` with the running compaction recorded; ReservationError when the job is stale."""
+        job, extent, ecid = self.qj.job, self.qj.extent, self.request.ecid
+        by_uri = {f.uri: f for f in m.files}
+        wanted = [f.uri for f in job.files]
+        if any(u not in by_uri for u in wanted):
+            raise ReservationError(f"files of the job are no longer in {m.extent}")
+        files = [by_uri[u] for u in wanted]
+        selection_id = None
+        if job.kind == "USER":
+            sel = m.selection
+            if sel is None:
+                raise ReservationError(f"{m.extent} has no user compaction selected")
+            selected = {FileRef.from_json(x).uri for x in sel["files"]}
+            if not set(wanted) <= selected:
+                raise ReservationError(f"job files of {m.extent} are not all selected")
+            selection_id = sel.get("id")
+        full = reservation.may_drop_deletes(m, files)
+        output = new_file_name("A" if full else "C", extent.table_id)
+        record = {
+            "ecid": ecid,
+            "kind": job.kind,
+            "executor": job.executor,
+            "queue": self.qj.queue,
+            "priority": job.priority,
+            "compactor": self.request.compactor,
+            "address": self.request.address,
+            "tmp_path": tmp_name(output, ecid),
+            "output_path": output,
+            "propagate_deletes": not full,
+            "selection_id": selection_id,
+            "started": time.time(),
+        }
+        new = _reserve_checked(m, ecid, files, record)
+        self.record, self.files, self.selection = record, files, m.selection
+        return new
+
+
 # ---------------------------------------------------------------------- the coordinator
 
 
@@ -339,10 +409,6 @@ class CompactionCoordinator:
         self._tserver = tserver
         self._lock = threading.RLock()
         self._ecid_locks = [threading.Lock() for _ in range(_ECID_LOCK_STRIPES)]
-        # SQLite serialises writers with a busy-wait that sleeps in steps of milliseconds;
-        # queueing the reservations' writes on a lock in this process keeps them back to back
-        # (their reads need no lock: WAL readers never wait).
-        self._reserve_lock = threading.Lock() if meta.dialect == "sqlite" else None
         self._queues = ExternalQueues(self.config.queue_max)
         self._running: dict[str, RunningCompaction] = {}
         self._gone: OrderedDict[str, str | None] = OrderedDict()
@@ -497,40 +563,91 @@ class CompactionCoordinator:
         Never waits for work (the app's long-poll does). Stale jobs (the tablet no longer has
         the files, or they are reserved, or the tablet is gone) are dropped and the next is
         tried, at most `reserve_max_jobs` of them or `reserve_max_s`. Asking again with the
-        same ECID (a lost answer) returns the same job.
+        same ECID (a lost answer) returns the same job. A batch of one of `next_jobs`.
+        """
+        answer = self.next_jobs([JobRequest(queue, compactor, address, ecid)])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def next_jobs(self, requests: Sequence[JobRequest]) -> list[JobAnswer]:
+        """Serve several `next_job` requests together: group commit of their reservations.
+
+        Each round takes one job for every request still unanswered and reserves all of them
+        with one `MetadataStore.mutate_tablets` call (one read and one write transaction, each
+        reservation its own compare-and-set on its tablet's version), which costs little more
+        than reserving one. Winners get their job; a request whose job was stale goes on to
+        its next job in the next round. Bounded like `next_job`: at most `reserve_max_jobs`
+        rounds and `reserve_max_s`. The answers come back in the order of `requests`; an
+        error is the answer of the requests it concerns (an invalid ECID its own; a lost lease
+        or a database error those of that round, whose jobs go back to the queue), so a
+        request answered in an earlier round always keeps its reserved job.
         """
         self._check_active()
-        if not ecid or "/" in ecid:
-            raise ValueError(f"invalid ECID {ecid!r}")
+        answers: list[JobAnswer] = [None] * len(requests)
+        live: list[int] = []
+        repeats: list[int] = []
+        firsts: set[str] = set()
         now = self._clock()
         with self._lock:
-            self._saw(compactor, now)
-            known = self._running.get(ecid)
-            if known is not None:
-                return known.job if known.compactor == compactor else None
-            if ecid in self._gone:
-                return None
+            for i, req in enumerate(requests):
+                if not req.ecid or "/" in req.ecid:
+                    answers[i] = ValueError(f"invalid ECID {req.ecid!r}")
+                    continue
+                self._saw(req.compactor, now)
+                known = self._running.get(req.ecid)
+                if known is not None:
+                    answers[i] = known.job if known.compactor == req.compactor else None
+                elif req.ecid in firsts:
+                    repeats.append(i)  # the same ECID twice in one batch: a retry of the first
+                elif req.ecid not in self._gone:
+                    firsts.add(req.ecid)
+                    live.append(i)
         deadline = now + self.config.reserve_max_s
         for _ in range(self.config.reserve_max_jobs):
             with self._lock:
-                qj = self._queues.take(queue)
-            if qj is None:
-                return None
+                taken = [(i, self._queues.take(requests[i].queue)) for i in live]
+            batch = [(i, qj) for i, qj in taken if qj is not None]
+            if not batch:
+                break
             try:
-                run = self._reserve(qj, compactor, address, ecid)
-            except LeaseLostError:
-                raise
-            except Exception:
+                runs = self._reserve_all([(requests[i], qj) for i, qj in batch])
+            except Exception as e:  # noqa: BLE001 - the answer of this round's requests
+                if not isinstance(e, LeaseLostError):  # deposed: the queues die with this core
+                    self._put_back([qj for _, qj in batch])
+                for i, _ in batch:
+                    answers[i] = e
+                break
+            live = []
+            failed: list[QueuedJob] = []
+            for (i, qj), run in zip(batch, runs, strict=True):
+                if isinstance(run, RunningCompaction):
+                    answers[i] = run.job
+                elif isinstance(run, Exception):
+                    answers[i] = run
+                    failed.append(qj)
+                else:
+                    live.append(i)  # stale: try the next job
+            self._put_back(failed)
+            if live:
                 with self._lock:
-                    self._queues.put_back(qj)
-                raise
-            if run is not None:
-                return run.job
+                    self._counts["stale_dropped"] += len(live)
+            if not live or self._clock() > deadline:
+                break
+        if repeats:
             with self._lock:
-                self._counts["stale_dropped"] += 1
-            if self._clock() > deadline:
-                return None
-        return None
+                for i in repeats:
+                    known = self._running.get(requests[i].ecid)
+                    if known is not None and known.compactor == requests[i].compactor:
+                        answers[i] = known.job
+        return answers
+
+    def _put_back(self, jobs: Sequence[QueuedJob]) -> None:
+        """Return taken jobs whose reservation failed for a passing reason (not staleness)."""
+        if jobs:
+            with self._lock:
+                for qj in jobs:
+                    self._queues.put_back(qj)
 
     def _table_props(self, table_id: str) -> Properties:
         now = self._clock()
@@ -554,73 +671,59 @@ class CompactionCoordinator:
                 return t
         raise TableNotFoundError(f"table id {table_id!r} does not exist")
 
-    def _reserve(
-        self, qj: QueuedJob, compactor: str, address: str | None, ecid: str
-    ) -> RunningCompaction | None:
-        """One conditional update recording the running compaction; None if the job is stale."""
-        extent = qj.extent
-        try:
-            props = self._table_props(extent.table_id)
-        except TableNotFoundError:
-            return None
-        wanted = [f.uri for f in qj.job.files]
-        kind = qj.job.kind
-        chosen: dict[str, Any] = {}
+    def _reserve_all(
+        self, pairs: Sequence[tuple[JobRequest, QueuedJob]]
+    ) -> list[RunningCompaction | Exception | None]:
+        """Reserve each job for its request in one conditional update of many tablets.
 
-        def reserve(m: TabletMeta) -> TabletMeta:
-            by_uri = {f.uri: f for f in m.files}
-            if any(u not in by_uri for u in wanted):
-                raise ReservationError(f"files of the job are no longer in {m.extent}")
-            files = [by_uri[u] for u in wanted]
-            selection_id = None
-            if kind == "USER":
-                sel = m.selection
-                if sel is None:
-                    raise ReservationError(f"{m.extent} has no user compaction selected")
-                selected = {FileRef.from_json(x).uri for x in sel["files"]}
-                if not set(wanted) <= selected:
-                    raise ReservationError(f"job files of {m.extent} are not all selected")
-                selection_id = sel.get("id")
-            full = reservation.may_drop_deletes(m, files)
-            output = new_file_name("A" if full else "C", extent.table_id)
-            record = {
-                "ecid": ecid,
-                "kind": kind,
-                "executor": qj.job.executor,
-                "queue": qj.queue,
-                "priority": qj.job.priority,
-                "compactor": compactor,
-                "address": address,
-                "tmp_path": tmp_name(output, ecid),
-                "output_path": output,
-                "propagate_deletes": not full,
-                "selection_id": selection_id,
-                "started": time.time(),
-            }
-            chosen.clear()
-            chosen.update(record=record, files=files, selection=m.selection)
-            return _reserve_checked(m, ecid, files, record)
+        Per pair: the running compaction; None when the job is stale (its files gone or
+        reserved, its tablet or table gone, or the tablet kept changing under us); or the
+        unexpected error of that pair. A lost lease or a database error raises for all.
+        """
+        results: list[RunningCompaction | Exception | None] = [None] * len(pairs)
+        todo: list[tuple[int, _Reservation]] = []
+        for k, (req, qj) in enumerate(pairs):
+            try:
+                props = self._table_props(qj.extent.table_id)
+            except TableNotFoundError:
+                continue
+            todo.append((k, _Reservation(req, qj, props)))
+        if not todo:
+            return results
+        # The only competitor of a reservation is the tablet server's occasional update of
+        # the same tablet, so a conflict is retried at once (no backoff).
+        outcomes = self._fenced(
+            lambda: self.meta.mutate_tablets(
+                [(r.qj.extent, r.apply) for _, r in todo],
+                max_attempts=_RESERVE_ATTEMPTS,
+                fence=self.fence,
+                backoff=False,
+            )
+        )
+        for (k, r), outcome in zip(todo, outcomes, strict=True):
+            error = outcome.error
+            if isinstance(error, ReservationError):
+                log.debug("dropping stale job of %s: %s", r.qj.extent, error)
+            elif isinstance(error, ConditionalUpdateError):
+                log.info("dropping job of %s: tablet too busy to reserve (%s)", r.qj.extent, error)
+            elif error is not None:
+                results[k] = error
+            elif outcome.meta is not None:
+                results[k] = self._start_running(r)
+            # else: the tablet is gone (split, merged, table deleted)
+        return results
 
-        try:
-            new = self._fenced(lambda: self._cas(extent, reserve))
-        except ReservationError as e:
-            log.debug("dropping stale job of %s: %s", extent, e)
-            return None
-        except ConditionalUpdateError as e:
-            if isinstance(e, LeaseLostError):
-                raise
-            log.info("dropping job of %s: tablet too busy to reserve (%s)", extent, e)
-            return None
-        if new is None:
-            return None  # the tablet is gone (split, merged, table deleted)
-        record, files = chosen["record"], chosen["files"]
+    def _start_running(self, r: _Reservation) -> RunningCompaction:
+        """The job for a reservation that was written, now in the running set."""
+        qj, req, props, record = r.qj, r.request, r.props, r.record
+        extent, kind = qj.extent, qj.job.kind
         iterators = [[c, dict(o)] for c, o in iterator_specs(props, "majc")]
-        if kind == "USER" and chosen["selection"] is not None:
-            iterators += [[c, dict(o)] for c, o in chosen["selection"].get("iterators", [])]
+        if kind == "USER" and r.selection is not None:
+            iterators += [[c, dict(o)] for c, o in r.selection.get("iterators", [])]
         job = {
-            "ecid": ecid,
+            "ecid": req.ecid,
             "extent": extent_to_json(extent),
-            "inputs": [f.to_json() for f in newest_first(files)],
+            "inputs": [f.to_json() for f in newest_first(r.files)],
             "output_path": record["output_path"],
             "tmp_path": record["tmp_path"],
             "propagate_deletes": record["propagate_deletes"],
@@ -634,12 +737,12 @@ class CompactionCoordinator:
         detector = self._new_detector()
         detector.heartbeat(self._clock())
         run = RunningCompaction(
-            ecid=ecid,
+            ecid=req.ecid,
             extent=extent,
             queue=qj.queue,
             kind=kind,
-            compactor=compactor,
-            address=address,
+            compactor=req.compactor,
+            address=req.address,
             selection_id=record["selection_id"],
             tmp_path=record["tmp_path"],
             output_path=record["output_path"],
@@ -649,45 +752,18 @@ class CompactionCoordinator:
             job=job,
         )
         with self._lock:
-            self._running[ecid] = run
+            self._running[req.ecid] = run
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "Reserved %s on %s for %s from %s (ecid %s, compactor %s)",
                 extent,
                 qj.queue,
                 kind,
-                [f.path.rsplit("/", 1)[-1] for f in files],
-                ecid,
-                compactor,
+                [f.path.rsplit("/", 1)[-1] for f in r.files],
+                req.ecid,
+                req.compactor,
             )
         return run
-
-    def _cas(
-        self, extent: Extent, fn: Callable[[TabletMeta], TabletMeta], attempts: int = 20
-    ) -> TabletMeta | None:
-        """Read, apply `fn`, write conditionally and fenced; re-read on a conflict.
-
-        Like `MetadataStore.mutate_tablet`, but only the write waits for `_reserve_lock`, so
-        the reads of concurrent reservations overlap the write in progress (WAL readers never
-        block), and a conflict is retried at once: the reservation path has no reason to back
-        off, since its only competitor is the tablet server's occasional update.
-        """
-        last: ConditionalUpdateError | None = None
-        for _ in range(attempts):
-            current = self.meta.get_tablet(extent)
-            if current is None:
-                return None
-            wanted = fn(current)
-            try:
-                if self._reserve_lock is None:
-                    return self.meta.update_tablet(current, wanted, fence=self.fence)
-                with self._reserve_lock:
-                    return self.meta.update_tablet(current, wanted, fence=self.fence)
-            except LeaseLostError:
-                raise
-            except ConditionalUpdateError as e:
-                last = e
-        raise ConditionalUpdateError(f"tablet {extent}: {attempts} conflicting updates ({last})")
 
     # -- reports (compactor -> coordinator) ---------------------------------------------------
 

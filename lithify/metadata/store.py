@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,7 +39,6 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
-    CursorResult,
     Engine,
     Executable,
     bindparam,
@@ -168,6 +168,30 @@ class TabletMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class TabletOutcome:
+    """What one item of `mutate_tablets` came to.
+
+    `meta` is the stored tablet when the item's change was written, None when nothing was
+    (the tablet does not exist, or its function wanted no change); `error` is what the item's
+    function raised, or the ConditionalUpdateError of an item that kept losing. A batch reports
+    per item instead of raising, so that one stale item does not fail the others.
+    """
+
+    meta: TabletMeta | None = None
+    error: Exception | None = None
+
+    def result(self) -> TabletMeta | None:
+        """`meta`, or raise `error` (what `mutate_tablet` does for its single item)."""
+        if self.error is not None:
+            raise self.error
+        return self.meta
+
+
+#: The outcome of an item that wrote nothing and failed in nothing.
+_UNCHANGED = TabletOutcome()
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseInfo:
     """A lease as read: `holder` is None when nobody holds it now; `remaining_s` may be < 0."""
 
@@ -201,6 +225,15 @@ class MetadataStore:
         self._engine = engine
         self._writer = engine.execution_options(**{_WRITE_OPTION: True})
         self._dialect = engine.dialect.name
+        # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
+        # steps of milliseconds (its busy handler) instead of being woken when it is free.
+        # Writers of this process therefore queue on a lock of their own first, so they follow
+        # each other back to back; other processes still meet the busy handler. Re-entrant so
+        # that a write started inside another write of the same thread fails as before (busy
+        # timeout) rather than hanging here for ever.
+        self._write_lock: threading.RLock | None = (
+            threading.RLock() if self._dialect == "sqlite" else None
+        )
         # Reads that take several statements (referenced_files above all) need one snapshot: on
         # PostgreSQL that is REPEATABLE READ (read-only, so it never fails to serialise); SQLite's
         # deferred BEGIN in WAL mode already reads one snapshot.
@@ -318,8 +351,13 @@ class MetadataStore:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        """A write transaction; on SQLite it starts with BEGIN IMMEDIATE (see the hooks)."""
-        with self._writer.begin() as conn:
+        """A write transaction; on SQLite it starts with BEGIN IMMEDIATE (see the hooks) once
+        this process's earlier writers are done (`_write_lock`)."""
+        if self._write_lock is None:
+            with self._writer.begin() as conn:
+                yield conn
+            return
+        with self._write_lock, self._writer.begin() as conn:
             yield conn
 
     def _prepare(self, stmt: Executable) -> _Prepared:
@@ -328,16 +366,41 @@ class MetadataStore:
         positions = tuple(compiled.positiontup) if compiled.positiontup else None
         return _Prepared(compiled.string, positions)
 
-    def _run(self, conn: Connection, stmt: _Prepared, params: dict[str, Any]) -> CursorResult:
-        """Execute a prepared statement with named parameters.
+    def _run(self, conn: Connection, stmt: _Prepared, params: dict[str, Any]) -> Any:
+        """Execute a prepared statement with named parameters; returns the driver's cursor,
+        which the caller closes (`_fetch_one` and `_count` do).
 
-        The tablet read and compare-and-set run on every flush, reservation and commit; executing
-        their SQL text directly skips SQLAlchemy's per-call statement cache lookup, which costs
-        about a third of a small SQLite transaction (benchmarks/metadata_cas.py). Only columns
-        whose types need no bind or result processing (text and integers) go through here.
+        The tablet read and compare-and-set run on every flush, reservation and commit. Going
+        straight to the DBAPI cursor of the transaction's connection skips SQLAlchemy's statement
+        cache lookup and the result metadata it builds for every execution, which together cost
+        more than the statement itself on SQLite (benchmarks/metadata_cas.py). Only columns whose
+        types need no bind or result processing (text and integers) go through here; rows come
+        back as plain tuples in the statement's column order.
         """
         args = params if stmt.positions is None else tuple(params[k] for k in stmt.positions)
-        return conn.exec_driver_sql(stmt.sql, args)
+        cur = conn.connection.dbapi_connection.cursor()
+        try:
+            cur.execute(stmt.sql, args)
+        except BaseException:
+            cur.close()
+            raise
+        return cur
+
+    def _fetch_one(self, conn: Connection, stmt: _Prepared, params: dict[str, Any]) -> Any:
+        """The first row of a prepared query (a tuple), or None."""
+        cur = self._run(conn, stmt, params)
+        try:
+            return cur.fetchone()
+        finally:
+            cur.close()
+
+    def _count(self, conn: Connection, stmt: _Prepared, params: dict[str, Any]) -> int:
+        """The row count of a prepared UPDATE or DELETE (the compare-and-set's verdict)."""
+        cur = self._run(conn, stmt, params)
+        try:
+            return cur.rowcount
+        finally:
+            cur.close()
 
     def _insert(self, table: Any) -> Any:
         """The dialect's INSERT, which has `on_conflict_do_nothing/_do_update` on both."""
@@ -369,7 +432,8 @@ class MetadataStore:
         if fence is None:
             return
         name, epoch = fence
-        current = self._run(conn, self._select_epoch, {"l_name": name}).scalar_one_or_none()
+        row = self._fetch_one(conn, self._select_epoch, {"l_name": name})
+        current = None if row is None else row[0]
         if current != epoch:
             raise LeaseLostError(
                 f"lease {name!r}: epoch {epoch} was superseded (current epoch {current})"
@@ -517,9 +581,16 @@ class MetadataStore:
 
     def get_tablet(self, extent: Extent) -> TabletMeta | None:
         """The tablet with exactly this extent, or None (split, merged, or its table deleted)."""
+        return self.get_tablets((extent,))[0]
+
+    def get_tablets(self, extents: Sequence[Extent]) -> list[TabletMeta | None]:
+        """The tablets with exactly these extents (None for each that does not exist), read in
+        one snapshot, so that a batch of conditional updates costs one read transaction."""
+        if not extents:
+            return []
         with self._read() as conn:
-            row = self._run(conn, self._select_tablet, _key_params(extent)).first()
-        return None if row is None else _tablet_meta(row)
+            rows = [self._fetch_one(conn, self._select_tablet, _key_params(e)) for e in extents]
+        return [None if row is None else _tablet_meta(row) for row in rows]
 
     def update_tablet(
         self,
@@ -534,25 +605,67 @@ class MetadataStore:
         and LeaseLostError if `fence=(lease name, epoch)` is given and that epoch was superseded.
         The extent cannot change here: splits and merges use `replace_tablets`.
         """
-        if new.extent != old.extent:
-            raise ValueError(
-                f"update_tablet cannot change the extent ({old.extent} -> {new.extent}); "
-                "use replace_tablets"
-            )
-        version = old.version + 1
-        params = _key_params(old.extent, old.version)
-        values = _tablet_values(new, version)
-        params.update(("v_" + k, values[k]) for k in _TABLET_STATE_COLUMNS)
+        _check_same_extent(old, new)
         with self._write() as conn:
             self._check_fence(conn, fence)
-            count = self._run(conn, self._update_tablet, params).rowcount
-            if count != 1:
-                found = self._run(conn, self._select_tablet, _key_params(old.extent)).first()
-                what = "no longer exists" if found is None else f"is at version {found.version}"
+            (version,) = self._update_rows(conn, ((old, new),))
+            if version is None:
+                found = self._fetch_one(conn, self._select_tablet, _key_params(old.extent))
+                what = "no longer exists" if found is None else f"is at version {found[-1]}"
                 raise ConditionalUpdateError(
                     f"tablet {old.extent} changed: read at version {old.version}, now {what}"
                 )
         return new.replace(version=version)
+
+    def update_tablets(
+        self,
+        changes: Sequence[tuple[TabletMeta, TabletMeta]],
+        *,
+        fence: tuple[str, int] | None = None,
+    ) -> list[TabletMeta | None]:
+        """Several `update_tablet`s, each `(old, new)`, in ONE transaction (group commit).
+
+        Each change is its own compare-and-set on `old.version`: the result holds the stored
+        tablet (version + 1) for each change that won and None for each whose tablet changed
+        or is gone, in the order given; a loser does not stop the others. One commit for the
+        lot is what makes a batch cheap (SQLite pays per transaction, PostgreSQL per round
+        trip of the commit). The fence is checked once for all of them and raises
+        LeaseLostError before anything is written. Two changes of the same tablet in one call
+        chain like two calls would: the second wins only if its `old` is the first's result.
+        """
+        for old, new in changes:
+            _check_same_extent(old, new)
+        if not changes:
+            return []
+        with self._write() as conn:
+            self._check_fence(conn, fence)
+            versions = self._update_rows(conn, changes)
+        return [
+            None if v is None else new.replace(version=v)
+            for (_, new), v in zip(changes, versions, strict=True)
+        ]
+
+    def _update_rows(
+        self, conn: Connection, changes: Sequence[tuple[TabletMeta, TabletMeta]]
+    ) -> list[int | None]:
+        """The compare-and-set statements of `update_tablet(s)` inside the caller's transaction:
+        the new version of each change, or None where the row count says it lost.
+
+        Rows are written in row-key order, whatever the order given, so that two transactions
+        of several updates lock PostgreSQL rows in the same order and cannot deadlock (SQLite
+        has a single writer anyway).
+        """
+        versions: list[int | None] = [None] * len(changes)
+        order = sorted(range(len(changes)), key=lambda i: _row_key(changes[i][0].extent))
+        for i in order:
+            old, new = changes[i]
+            version = old.version + 1
+            params = _key_params(old.extent, old.version)
+            values = _tablet_values(new, version)
+            params.update(("v_" + k, values[k]) for k in _TABLET_STATE_COLUMNS)
+            if self._count(conn, self._update_tablet, params) == 1:
+                versions[i] = version
+        return versions
 
     def mutate_tablet(
         self,
@@ -567,29 +680,72 @@ class MetadataStore:
         `fn` runs outside any transaction (it may be slow or run more than once, so it must be a
         pure function of its argument). Returns the stored result, or None when the tablet does
         not exist (fn is then not called) or when `fn` returned None (no change wanted). After
-        `max_attempts` conflicts it raises ConditionalUpdateError; a lost lease is not retried.
+        `max_attempts` conflicts it raises ConditionalUpdateError; a lost lease is not retried;
+        what `fn` raises is raised here.
+        """
+        outcome = self.mutate_tablets([(extent, fn)], max_attempts=max_attempts, fence=fence)
+        return outcome[0].result()
+
+    def mutate_tablets(
+        self,
+        items: Sequence[tuple[Extent, Callable[[TabletMeta], TabletMeta | None]]],
+        *,
+        max_attempts: int = 50,
+        fence: tuple[str, int] | None = None,
+        backoff: bool = True,
+    ) -> list[TabletOutcome]:
+        """`mutate_tablet` for several tablets at once: one read and one write transaction per
+        round (`get_tablets`, `update_tablets`) instead of one pair per tablet.
+
+        Every item succeeds or fails on its own; the outcomes come back in the order given.
+        What an item's `fn` raises becomes that item's outcome (the others go on), as does
+        ConditionalUpdateError once it lost `max_attempts` times; only the losers of a round
+        are re-read and retried, after a short jittered pause when `backoff` is set (a caller
+        whose only competitor is an occasional other writer may retry at once). LeaseLostError
+        (the fence) and database errors raise for the whole call: nothing of the round that
+        raised was written, but earlier rounds' winners were.
         """
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
-        last: ConditionalUpdateError | None = None
+        outcomes: list[TabletOutcome] = [_UNCHANGED] * len(items)
+        pending = list(range(len(items)))
+        read_at: dict[int, int] = {}
         for attempt in range(max_attempts):
-            current = self.get_tablet(extent)
-            if current is None:
-                return None
-            wanted = fn(current)
-            if wanted is None:
-                return None
-            try:
-                return self.update_tablet(current, wanted, fence=fence)
-            except LeaseLostError:
-                raise
-            except ConditionalUpdateError as e:
-                last = e
+            currents = self.get_tablets([items[i][0] for i in pending])
+            writes: list[tuple[int, TabletMeta, TabletMeta]] = []
+            for i, current in zip(pending, currents, strict=True):
+                if current is None:
+                    continue  # gone: nothing to do (an _UNCHANGED outcome)
+                try:
+                    wanted = items[i][1](current)
+                    if wanted is not None:
+                        _check_same_extent(current, wanted)
+                except Exception as e:  # noqa: BLE001 - the item's own outcome
+                    outcomes[i] = TabletOutcome(error=e)
+                    continue
+                if wanted is not None:
+                    writes.append((i, current, wanted))
+            stored = self.update_tablets([(old, new) for _, old, new in writes], fence=fence)
+            pending = []
+            for (i, old, _), meta in zip(writes, stored, strict=True):
+                if meta is None:
+                    pending.append(i)
+                    read_at[i] = old.version
+                else:
+                    outcomes[i] = TabletOutcome(meta)
+            if not pending:
+                return outcomes
+            if backoff and attempt + 1 < max_attempts:
                 # Jittered, capped backoff so that contending actors stop colliding in lockstep.
                 time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
-        raise ConditionalUpdateError(
-            f"tablet {extent}: gave up after {max_attempts} conflicting updates ({last})"
-        )
+        for i in pending:
+            outcomes[i] = TabletOutcome(
+                error=ConditionalUpdateError(
+                    f"tablet {items[i][0]}: gave up after {max_attempts} conflicting updates "
+                    f"(last read at version {read_at[i]})"
+                )
+            )
+        return outcomes
 
     def replace_tablets(
         self,
@@ -620,7 +776,7 @@ class MetadataStore:
         with self._write() as conn:
             for m in old_sorted:
                 params = _key_params(m.extent, m.version)
-                count = self._run(conn, self._delete_tablet, params).rowcount
+                count = self._count(conn, self._delete_tablet, params)
                 if count != 1:
                     raise ConditionalUpdateError(
                         f"tablet {m.extent} changed since version {m.version} was read"
@@ -910,17 +1066,34 @@ def _tablet_values(meta: TabletMeta, version: int) -> dict[str, Any]:
     }
 
 
-def _tablet_meta(row: Any) -> TabletMeta:
-    prev = None if row.prev_end_row is None else bytes.fromhex(row.prev_end_row)
+def _tablet_meta(row: Sequence[Any]) -> TabletMeta:
+    """A tablet from a row of `select(s.tablets)` (a SQLAlchemy Row or a driver tuple), by
+    position: the columns in the order of `schema.tablets`."""
+    table_id, end_row, prev_end_row, files, logs, flushed_seq, compactions, selection, version = row
+    prev = None if prev_end_row is None else bytes.fromhex(prev_end_row)
     return TabletMeta(
-        extent=Extent(row.table_id, prev, _dec_end(row.end_row)),
-        files=tuple(FileRef.from_json(f) for f in json.loads(row.files)),
-        logs=tuple(json.loads(row.logs)),
-        flushed_seq=row.flushed_seq,
-        compactions=json.loads(row.compactions),
-        selection=None if row.selection is None else json.loads(row.selection),
-        version=row.version,
+        extent=Extent(table_id, prev, _dec_end(end_row)),
+        files=tuple(FileRef.from_json(f) for f in json.loads(files)),
+        logs=tuple(json.loads(logs)),
+        flushed_seq=flushed_seq,
+        compactions=json.loads(compactions),
+        selection=None if selection is None else json.loads(selection),
+        version=version,
     )
+
+
+def _check_same_extent(old: TabletMeta, new: TabletMeta) -> None:
+    """An update keeps the row's identity; splits and merges go through `replace_tablets`."""
+    if new.extent != old.extent:
+        raise ValueError(
+            f"update_tablet cannot change the extent ({old.extent} -> {new.extent}); "
+            "use replace_tablets"
+        )
+
+
+def _row_key(extent: Extent) -> tuple[str, tuple[bool, bytes], bytes]:
+    """A total order of tablet rows (table, end row, then previous end row) for lock order."""
+    return (extent.table_id, _end_key(extent), extent.prev_end_row or b"")
 
 
 def _table_info(row: Any) -> TableInfo:
