@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import select, text
 
 from lithify.data.ranges import Extent, FileRef, RowRange
@@ -189,6 +190,32 @@ def test_reopen_keeps_everything(metadata_url: str) -> None:
         st.close()
 
 
+def test_a_version_1_database_is_upgraded_in_place(metadata_url: str) -> None:
+    """Version 1 had no tablet time: opening it adds the column (0 for every tablet)."""
+    st = MetadataStore.open(metadata_url)
+    t = st.create_table("t", {}, [b"k"])
+    st.close()
+    engine = sa.create_engine(metadata_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text('ALTER TABLE tablets DROP COLUMN "time"'))
+        conn.execute(sa.text("UPDATE counters SET value = 1 WHERE name = 'schema_version'"))
+    engine.dispose()
+    st = MetadataStore.open(metadata_url)
+    try:
+        assert [m.time for m in st.tablets(t.id)] == [0, 0]
+        m = st.tablets(t.id)[0]
+        assert st.update_tablet(m, m.replace(time=5)).time == 5
+    finally:
+        st.close()
+    engine = sa.create_engine(metadata_url)
+    with engine.connect() as conn:
+        version = conn.execute(
+            sa.text("SELECT value FROM counters WHERE name = 'schema_version'")
+        ).scalar_one()
+    engine.dispose()
+    assert version == 2
+
+
 def test_unsupported_urls() -> None:
     with pytest.raises(ConfigError, match="in-memory"):
         MetadataStore.open("sqlite://")
@@ -262,6 +289,7 @@ def test_tablet_roundtrip(store: MetadataStore) -> None:
         flushed_seq=42,
         compactions={"ecid-1": {"inputs": ["F1.parquet"], "tmp_path": "A3.parquet_tmp_ecid-1"}},
         selection={"files": ["F1.parquet"], "id": 7},
+        time=1_700_000_000_123,
     )
     assert isinstance(new.files, tuple)
     stored = store.update_tablet(old, new)

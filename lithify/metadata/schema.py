@@ -27,8 +27,9 @@ from sqlalchemy import (
     Text,
 )
 
-#: Bumped whenever a table or column changes meaning; see `MetadataStore.open`.
-SCHEMA_VERSION = 1
+#: Bumped whenever a table or column changes meaning; see `MetadataStore.open`, which upgrades
+#: older databases (`UPGRADES`). 2: `tablets.time`.
+SCHEMA_VERSION = 2
 
 #: `tablets.end_row` of the last tablet of a table (whose end row is unbounded). NULL cannot be
 #: used because SQL unique constraints treat NULLs as distinct; '~' cannot occur in hex.
@@ -66,8 +67,15 @@ tablets = Table(
     Column("compactions", Text, nullable=False),  # JSON object: compaction id -> record
     Column("selection", Text, nullable=True),  # JSON object, user compaction selection
     Column("version", BigInteger, nullable=False),
+    # The tablet's time: no timestamp it hands out after a restart may be lower (SYSTEM.md 1).
+    Column("time", BigInteger, nullable=False, server_default="0"),
     PrimaryKeyConstraint("table_id", "end_row", name="tablets_pk"),
 )
+
+#: Statements that bring a database of schema version N-1 to N, by N (both backends).
+UPGRADES: dict[int, tuple[str, ...]] = {
+    2: ('ALTER TABLE tablets ADD COLUMN "time" BIGINT NOT NULL DEFAULT 0',),
+}
 
 #: System-wide configuration (string to string); table properties live in `tables.properties`.
 system_properties = Table(

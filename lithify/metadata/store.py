@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import threading
 import time
@@ -64,6 +65,8 @@ from lithify.errors import (
 )
 from lithify.metadata import schema as s
 
+log = logging.getLogger(__name__)
+
 #: System property that chooses SQLite's `synchronous` level (NORMAL or FULL, or EXTRA). NORMAL
 #: in WAL mode survives a process crash but may lose the last transactions on power loss; FULL
 #: also survives power loss at a cost in commit rate (PERFORMANCE_NOTES: 25k vs 4k tx/s).
@@ -91,6 +94,7 @@ _TABLET_STATE_COLUMNS = (
     "compactions",
     "selection",
     "version",
+    "time",
 )
 _MATCH_VERSION = s.tablets.c.version == bindparam("k_version")
 _SELECT_TABLET = select(s.tablets).where(*_MATCH_EXTENT)
@@ -142,8 +146,10 @@ class TabletMeta:
     `files` are the tablet's data files (possibly fenced); `logs` the write-ahead logs that hold
     entries newer than `flushed_seq`; `compactions` the running compaction records by compaction
     id (a record's `tmp_path`, and `output_path` once renamed, keep its file from the garbage
-    collector); `selection` the files chosen for a user compaction, if one is pending. Treat the
-    dicts as immutable and derive changed copies with `replace`.
+    collector); `selection` the files chosen for a user compaction, if one is pending; `time` the
+    latest timestamp the tablet handed out or observed as of its last flush (its clock starts
+    there after a restart). Treat the dicts as immutable and derive changed copies with
+    `replace`.
     """
 
     extent: Extent
@@ -153,6 +159,7 @@ class TabletMeta:
     compactions: Mapping[str, dict] = field(default_factory=dict)
     selection: dict | None = None
     version: int = 0
+    time: int = 0
 
     def __post_init__(self) -> None:
         # Accept lists from callers but keep the tuples the type promises (frozen: bypass setattr).
@@ -335,11 +342,26 @@ class MetadataStore:
             found = conn.execute(
                 select(s.counters.c.value).where(s.counters.c.name == s.COUNTER_SCHEMA_VERSION)
             ).scalar_one()
+            if found < s.SCHEMA_VERSION:
+                self._upgrade(conn, found)
         if found > s.SCHEMA_VERSION:
             raise LithifyError(
                 f"metadata schema version {found} is newer than this lithify "
                 f"(supports {s.SCHEMA_VERSION}); upgrade lithify"
             )
+
+    def _upgrade(self, conn: Connection, found: int) -> None:
+        """Bring a database of schema version `found` to this version (inside the schema
+        transaction, so a crash leaves the old version whole)."""
+        for version in range(found + 1, s.SCHEMA_VERSION + 1):
+            for statement in s.UPGRADES.get(version, ()):
+                conn.execute(text(statement))
+            log.info("upgraded the metadata schema to version %d", version)
+        conn.execute(
+            update(s.counters)
+            .where(s.counters.c.name == s.COUNTER_SCHEMA_VERSION)
+            .values(value=s.SCHEMA_VERSION)
+        )
 
     # ------------------------------------------------------------------ transactions
 
@@ -1063,13 +1085,25 @@ def _tablet_values(meta: TabletMeta, version: int) -> dict[str, Any]:
         "compactions": _dumps({str(k): v for k, v in meta.compactions.items()}),
         "selection": None if meta.selection is None else _dumps(meta.selection),
         "version": version,
+        "time": int(meta.time),
     }
 
 
 def _tablet_meta(row: Sequence[Any]) -> TabletMeta:
     """A tablet from a row of `select(s.tablets)` (a SQLAlchemy Row or a driver tuple), by
     position: the columns in the order of `schema.tablets`."""
-    table_id, end_row, prev_end_row, files, logs, flushed_seq, compactions, selection, version = row
+    (
+        table_id,
+        end_row,
+        prev_end_row,
+        files,
+        logs,
+        flushed_seq,
+        compactions,
+        selection,
+        version,
+        tablet_time,
+    ) = row
     prev = None if prev_end_row is None else bytes.fromhex(prev_end_row)
     return TabletMeta(
         extent=Extent(table_id, prev, _dec_end(end_row)),
@@ -1079,6 +1113,7 @@ def _tablet_meta(row: Sequence[Any]) -> TabletMeta:
         compactions=json.loads(compactions),
         selection=None if selection is None else json.loads(selection),
         version=version,
+        time=tablet_time,
     )
 
 
