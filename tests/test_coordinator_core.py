@@ -17,14 +17,10 @@ from typing import Any
 import pytest
 
 from lithify.compaction.compactor_job import CompactionRequest, run_compaction
-from lithify.coordinator.core import (
-    NOT_SUBMITTED,
-    CompactionCoordinator,
-    CoordinatorConfig,
-    planned_job_from_json,
-    request_id,
-)
-from lithify.coordinator.queues import PlannedJob
+from lithify.coordinator.config import CoordinatorConfig
+from lithify.coordinator.core import CompactionCoordinator
+from lithify.coordinator.queues import PlannedJob, planned_job_from_json
+from lithify.coordinator.requests import NOT_SUBMITTED, request_id
 from lithify.data.ranges import Extent, FileRef
 from lithify.errors import LithifyError
 from lithify.files.naming import new_file_name

@@ -39,7 +39,7 @@ from tests.test_faults_cancel import (
 
 EXECUTORS = "tserver.compaction.major.service.default.planner.opts.executors"
 
-#: The coordinator's log lines that say what ran where (lithify/coordinator/core.py).
+#: The coordinator's log lines that say what ran where (lithify/coordinator/reserve.py, commit.py).
 _RESERVED = re.compile(
     r"Reserved (?P<extent>\S+) on (?P<queue>\S+) for (?P<kind>\w+) from (?P<files>\[.*?\]) "
     r"\(ecid (?P<ecid>\w+), compactor"

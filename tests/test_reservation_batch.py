@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from lithify.coordinator.core import CompactionCoordinator, JobRequest
+from lithify.coordinator.core import CompactionCoordinator
 from lithify.coordinator.queues import PlannedJob
+from lithify.coordinator.reserve import JobRequest
 from lithify.data.ranges import Extent, FileRef
 from lithify.errors import ConditionalUpdateError
 from lithify.files.storage import Storage

@@ -35,12 +35,9 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lithify.coordinator.core import (
-    CompactionCoordinator,
-    JobRequest,
-    NotActiveError,
-    planned_job_from_json,
-)
+from lithify.coordinator.core import CompactionCoordinator, NotActiveError
+from lithify.coordinator.queues import planned_job_from_json
+from lithify.coordinator.reserve import JobRequest
 from lithify.errors import LithifyError, TableNotFoundError
 from lithify.metadata.store import LeaseLostError
 from lithify.rpc.auth import SecretMiddleware

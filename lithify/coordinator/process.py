@@ -37,7 +37,8 @@ from typing import Any
 from urllib.parse import quote
 
 from lithify.coordinator.app import CoordinatorHolder, create_app
-from lithify.coordinator.core import CompactionCoordinator, CoordinatorConfig
+from lithify.coordinator.config import CoordinatorConfig
+from lithify.coordinator.core import CompactionCoordinator
 from lithify.data.ranges import Extent
 from lithify.errors import LithifyError
 from lithify.files.storage import Storage

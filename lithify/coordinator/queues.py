@@ -19,8 +19,9 @@ transaction that follows every `take`, and both ends (best to take, worst to rej
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lithify.compaction.priority import queue_order_key
 from lithify.data.ranges import Extent, FileRef
@@ -42,6 +43,22 @@ class PlannedJob:
     def queue(self) -> str:
         """The external queue of an executor id `e.<queue>`."""
         return queue_of(self.executor)
+
+
+def planned_job_from_json(d: Mapping[str, Any]) -> PlannedJob:
+    """One job of `POST /v1/queues/plan`; ValueError (a 4xx) when the job is malformed."""
+    try:
+        files = tuple(FileRef.from_json(f) for f in d["files"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        # A file reference the model could not check (it is a plain dict): a malformed call,
+        # not a server error.
+        raise ValueError(f"a planned job's file is malformed: {e!r}") from None
+    if not files:
+        raise ValueError("a planned job needs at least one file")
+    kind = str(d.get("kind", "SYSTEM"))
+    if kind not in ("SYSTEM", "USER"):
+        raise ValueError(f"job kind must be SYSTEM or USER, not {kind!r}")
+    return PlannedJob(files, str(d["executor"]), int(d["priority"]), kind)
 
 
 @dataclass(frozen=True, slots=True)
