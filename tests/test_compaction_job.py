@@ -191,3 +191,15 @@ def test_corrupt_input_fails_and_cleans_up(tmp_path) -> None:
     with pytest.raises(CorruptFileError, match="F1.parquet"):
         run_compaction(storage, request(refs[::-1], "corrupt", subcompactions=2))
     assert storage.list_files("") == before
+
+
+def test_merge_buffer_settings_apply_once() -> None:
+    """On glibc the settings are accepted (mallopt refuses out-of-range values), then kept."""
+    import platform
+
+    from lithify.compaction import allocator
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc is not glibc's")
+    assert allocator.keep_merge_buffers() is True
+    assert allocator.keep_merge_buffers() is True

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from lithify.compaction import allocator
 from lithify.compaction.iterators import load_iterators
 from lithify.compaction.merge import merge_sorted
 from lithify.data.key import Key
@@ -198,6 +199,7 @@ def run_compaction(
     req = request
     tmp = tmp_name(req.output_path, req.tmp_id)
     load_iterators(req.iterators)  # fail before any work if an iterator cannot be loaded
+    allocator.keep_merge_buffers()
     readers: list[SortedFileReader] = []
     try:
         for f in req.inputs:
