@@ -28,15 +28,15 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 
 _lock = threading.Lock()
-_done = False
+_applied: bool | None = None
 
 
 def keep_merge_buffers() -> bool:
     """Apply the settings once per process; False where malloc is not glibc's (nothing done)."""
-    global _done
+    global _applied
     with _lock:
-        if _done:
-            return True
+        if _applied is not None:
+            return _applied
         name = ctypes.util.find_library("c")
         try:
             libc = ctypes.CDLL(name) if name else None
@@ -44,11 +44,12 @@ def keep_merge_buffers() -> bool:
         except OSError:
             mallopt = None
         if mallopt is None:
+            _applied = False
             return False
         ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
             mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
         )
         if not ok:
             log.debug("mallopt refused the merge buffer settings")
-        _done = True
+        _applied = ok
         return ok
