@@ -66,6 +66,9 @@ _REPLACE_ATTEMPTS = 20
 #: Times a write is routed again after the tablets it was routed to were split or merged.
 _ROUTE_ATTEMPTS = 1000
 
+#: Extra passes a flush task makes over maps frozen while it ran (each pass writes them all).
+_FLUSH_PASSES = 100
+
 #: Rows of a scan batch handed to the caller.
 SCAN_BATCH = 65536
 
@@ -133,7 +136,8 @@ class Store:
         #: Per table, the latest server timestamp of tablets no longer hosted (see `_host`).
         self._clock_floor: dict[str, int] = {}
         self._flusher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="minc")
-        self._pending_flush: dict[Extent, Future] = {}
+        #: Per tablet, the latest flush task and whether it flushes the live map too.
+        self._pending_flush: dict[Extent, tuple[Future, bool]] = {}
         self._memory_cv = threading.Condition(self._lock)
         #: Called as on_cancel(table_id, extents or None, kind or None) after local cancels.
         self.on_cancel: Callable[[str, list[Extent] | None, CompactionKind | None], None] | None = (
@@ -253,6 +257,8 @@ class Store:
         and the one hosted now would go on listing the replaced files (which the garbage
         collector may then delete under its scans).
         """
+        with self._memory_cv:
+            self._memory_cv.notify_all()  # a flush freed memory: waiting writers may go on
         tb = self._tablet_at(extent)
         if tb is not None:
             tb.refresh()
@@ -500,32 +506,55 @@ class Store:
         return entries.num_rows
 
     def _after_write(self) -> None:
-        """Start flushes when memory passes `tserver.memory.maps.max`; wait when far past it."""
+        """Freeze and flush maps when memory passes `tserver.memory.maps.max`; wait when full.
+
+        The largest live map is frozen (queued for a flush) as soon as the live maps pass the
+        limit, and a fresh map takes the writes while it is flushed; writers wait only while the
+        live and frozen maps together exceed twice the limit, that is while flushes have fallen
+        a whole memory's worth behind.
+        """
         limit = self._sys_props.get_size("tserver.memory.maps.max")
         for _ in range(10_000):
             live = [tb for tbs in self._all_tablet_lists() for tb in tbs]
-            in_memory = sum(tb.memory_bytes for tb in live)
-            flushing = sum(tb.flushing_bytes for tb in live)
-            if in_memory > limit:
-                largest = max(live, key=lambda tb: tb.memory_bytes)
-                self._schedule_flush(largest)
+            if sum(tb.memory_bytes for tb in live) > limit:
+                max(live, key=lambda tb: tb.memory_bytes).freeze()
+            in_memory = flushing = 0
+            for tb in live:
+                in_memory += tb.memory_bytes
+                if tb.frozen_maps:
+                    flushing += tb.flushing_bytes
+                    self._schedule_flush(tb, live=False)
             if in_memory + flushing <= 2 * limit:
                 return
             with self._memory_cv:
                 self._memory_cv.wait(timeout=0.05)
 
-    def _schedule_flush(self, tb: Tablet) -> Future:
+    def _schedule_flush(self, tb: Tablet, *, live: bool) -> Future:
+        """A flush task for the tablet; an unfinished one already queued is reused when it
+        covers what is asked (a live flush that has not started covers everything written
+        before it runs; any unfinished task covers the maps already frozen)."""
         with self._lock:
-            fut = self._pending_flush.get(tb.extent)
-            if fut is not None and not fut.done():
+            fut, fut_live = self._pending_flush.get(tb.extent, (None, False))
+            if (
+                fut is not None
+                and not fut.done()
+                and (not live or (fut_live and not fut.running()))
+            ):
                 return fut
-            fut = self._flusher.submit(self._flush_task, tb)
-            self._pending_flush[tb.extent] = fut
+            fut = self._flusher.submit(self._flush_task, tb, live)
+            self._pending_flush[tb.extent] = (fut, live)
             return fut
 
-    def _flush_task(self, tb: Tablet) -> FileRef | None:
+    def _flush_task(self, tb: Tablet, live: bool) -> FileRef | None:
+        """Flush a tablet, then the maps frozen while that flush was finishing (a writer that
+        froze one then found this task still unfinished and relied on it)."""
         try:
-            return tb.flush()
+            ref = tb.flush(live=live)
+            for _ in range(_FLUSH_PASSES):
+                if not tb.frozen_maps or self._closed:
+                    break
+                ref = tb.flush(live=False) or ref
+            return ref
         except Exception:
             log.exception(
                 "flush of %s failed; its entries stay in memory and in the log", tb.extent
@@ -538,7 +567,7 @@ class Store:
     def flush(self, table: str, *, wait: bool = True) -> None:
         """Flush every tablet of a table to files (a minor compaction)."""
         info = self.meta.get_table(table)
-        futures = [self._schedule_flush(tb) for tb in self._hosted(info)]
+        futures = [self._schedule_flush(tb, live=True) for tb in self._hosted(info)]
         if wait:
             for f in futures:
                 f.result()
@@ -708,7 +737,10 @@ class Store:
         return [len(tb.files) for tbs in self._all_tablet_lists() for tb in tbs]
 
     def memory_bytes(self) -> int:
-        return sum(tb.memory_bytes for tbs in self._all_tablet_lists() for tb in tbs)
+        """Bytes held in in-memory maps: live ones and frozen ones waiting for a flush."""
+        return sum(
+            tb.memory_bytes + tb.flushing_bytes for tbs in self._all_tablet_lists() for tb in tbs
+        )
 
     def flush_totals(self) -> dict[str, int]:
         """Files, entries and bytes written by flushes since the store opened (the denominator
@@ -718,7 +750,7 @@ class Store:
     def flush_stats(self) -> tuple[int, int]:
         """(queued, running) flushes."""
         with self._lock:
-            futures = list(self._pending_flush.values())
+            futures = [fut for fut, _ in self._pending_flush.values()]
         running = sum(1 for f in futures if f.running())
         queued = sum(1 for f in futures if not f.done() and not f.running())
         return queued, running

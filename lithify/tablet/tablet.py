@@ -2,8 +2,18 @@
 
 Writes go to the shared write-ahead log, then to the in-memory map. A flush (minor compaction)
 freezes the map, writes it to an `F` file and records the file in the metadata together with the
-sequence number it covers, so recovery replays only newer log records. Scans merge the map, any
-map being flushed, and the files, each file read through its fence and the tablet's extent.
+sequence number it covers, so recovery replays only newer log records. Scans merge the map, the
+frozen maps not yet flushed, and the files, each file read through its fence and the tablet's
+extent.
+
+Freezing and flushing are separate steps so that writes need not wait for a flush: `freeze()`
+(cheap, no I/O) moves the live map to a queue of frozen maps and a fresh map takes the writes;
+`flush()` writes the queued maps to files oldest first. The server freezes a map as soon as
+memory passes its limit, so every flushed map has about the limit's size however late the flush
+thread gets to it, and writers block only when live and frozen maps together fill the memory.
+Maps are committed strictly in freezing order: a map's entries all have higher sequence numbers
+than an older map's, so each commit's `flushed_seq` covers exactly the flushed maps, and the
+logs that a queued map still needs stay listed in the metadata until it is flushed.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from lithify.metadata.store import MetadataStore, TabletMeta
 from lithify.table.properties import Properties
 from lithify.tablet.clock import TabletClock
 from lithify.tablet.log_manager import LogManager
-from lithify.tablet.memtable import InMemoryMap
+from lithify.tablet.memtable import InMemoryMap, each_column_once
 from lithify.tablet.wal import LogRecord
 
 log = logging.getLogger(__name__)
@@ -77,6 +87,14 @@ class TabletContext:
     flushes: FlushTotals = field(default_factory=FlushTotals)
 
 
+@dataclass
+class _Frozen:
+    """A frozen map waiting for (or in) a flush, with the logs that hold its entries."""
+
+    map: InMemoryMap
+    logs: set[str]
+
+
 def tablet_key(extent: Extent) -> str:
     """The name of a tablet in write-ahead log records."""
     end = "~" if extent.end_row is None else extent.end_row.hex()
@@ -102,7 +120,8 @@ class Tablet:
         self._retired = False
         self._memtable = InMemoryMap()
         self._memtable_logs: set[str] = set()
-        self._flushing: list[InMemoryMap] = []
+        #: Frozen maps not yet committed to a file, oldest first.
+        self._frozen: list[_Frozen] = []
         self.clock = TabletClock()
 
     # -- metadata ---------------------------------------------------------------------------
@@ -194,48 +213,72 @@ class Tablet:
 
     @property
     def memory_bytes(self) -> int:
+        """Bytes of the live map (the one taking writes)."""
         return self._memtable.size_bytes
 
     @property
     def flushing_bytes(self) -> int:
+        """Bytes of the frozen maps waiting for or in a flush."""
         with self._lock:
-            return sum(m.size_bytes for m in self._flushing)
+            return sum(f.map.size_bytes for f in self._frozen)
+
+    @property
+    def frozen_maps(self) -> int:
+        """Frozen maps waiting for or in a flush."""
+        return len(self._frozen)
 
     # -- flush (minor compaction) -----------------------------------------------------------
 
-    def flush(self) -> FileRef | None:
-        """Write the in-memory map to an F file; returns its reference (None if it was empty).
+    def freeze(self) -> bool:
+        """Queue the live map for a flush and start a fresh one; False if it was empty.
 
-        If writing or committing fails, the frozen entries go back into the live map and the
-        logs stay referenced, so a failed flush loses nothing.
+        No I/O: the server calls this from the writing thread as soon as memory passes its
+        limit, and a flush (now or later, in another thread) writes the frozen map.
         """
+        with self._lock:
+            if self._memtable.entries == 0:
+                return False
+            self._frozen.append(_Frozen(self._memtable, self._memtable_logs))
+            self._memtable = InMemoryMap()
+            self._memtable_logs = set()
+            return True
+
+    def flush(self, *, live: bool = True) -> FileRef | None:
+        """Write the frozen maps to F files, oldest first; returns the last file (None if none).
+
+        With `live` the live map is frozen first, so everything written before the call ends up
+        in files (what an explicit flush, split or merge needs); without it only maps already
+        frozen are written (a background flush, which must not make tiny files of the maps
+        written meanwhile). If writing or committing a map fails, it stays queued (still read
+        by scans, its logs still listed) for the next flush, so a failed flush loses nothing.
+        """
+        ref = None
         with self._flush_lock:
+            if live:
+                self.freeze()
+            # The maps frozen by now, and no more: a split or merge (writes held) needs them
+            # all, and a background flush must not chase writers that keep freezing new ones.
             with self._lock:
-                frozen, frozen_logs = self._memtable, self._memtable_logs
-                if frozen.entries == 0:
-                    return None
-                self._memtable = InMemoryMap()
-                self._memtable_logs = set()
-                self._flushing.append(frozen)
-            path = new_file_name("F", self.extent.table_id)
-            try:
-                with self._ctx.in_use.using([path]):
-                    ref = self._write_flush_file(frozen, path)
-                    # Writes wait while the commit replaces the log references: a write that
-                    # found its log listed in the old metadata (so added no reference) must not
-                    # land in memory between `_commit_flush` reading the live map's logs and the
-                    # new metadata taking effect, or its log would be unreferenced and a crash
-                    # would lose an acknowledged write.
-                    with self._lock:
-                        self.mutate(lambda m: self._commit_flush(m, ref, frozen.max_seq))
-            except BaseException:
+                queued = len(self._frozen)
+            for _ in range(queued):
                 with self._lock:
-                    self._memtable.add(frozen.sorted_table(), frozen.max_seq)
-                    self._memtable_logs |= frozen_logs
-                raise
-            finally:
-                with self._lock:
-                    self._flushing.remove(frozen)
+                    oldest = self._frozen[0]
+                ref = self._flush_frozen(oldest)
+        return ref
+
+    def _flush_frozen(self, frozen: _Frozen) -> FileRef:
+        """Write one frozen map (the oldest) to an F file and commit it."""
+        path = new_file_name("F", self.extent.table_id)
+        with self._ctx.in_use.using([path]):
+            ref = self._write_flush_file(frozen.map, path)
+            # Writes wait while the commit replaces the log references: a write that found its
+            # log listed in the old metadata (so added no reference) must not land in memory
+            # between `_commit_flush` reading the maps' logs and the new metadata taking effect,
+            # or its log would be unreferenced and a crash would lose an acknowledged write.
+            with self._lock:
+                self.mutate(lambda m: self._commit_flush(m, ref, frozen))
+                # After the commit, so that a scan always sees the entries in the map or the file.
+                self._frozen.remove(frozen)
         log.info(
             "Flushed %s created %s entries %d size %d", self.extent, ref.path, ref.entries, ref.size
         )
@@ -243,26 +286,42 @@ class Tablet:
         self._ctx.on_files_changed(self.extent)
         return ref
 
-    def _commit_flush(self, m: TabletMeta, ref: FileRef, flushed_seq: int) -> TabletMeta:
+    def _commit_flush(self, m: TabletMeta, ref: FileRef, frozen: _Frozen) -> TabletMeta:
+        """The metadata with the flushed map's file added: its entries no longer need a log,
+        but the live map's and the other frozen maps' entries still do."""
         with self._lock:
-            still_needed = tuple(sorted(self._memtable_logs))
+            needed = set(self._memtable_logs)
+            for other in self._frozen:
+                if other is not frozen:
+                    needed |= other.logs
+        assert frozen.map.max_seq is not None  # only non-empty maps are frozen
         return m.replace(
             files=(*m.files, ref),
-            flushed_seq=max(m.flushed_seq, flushed_seq),
-            logs=still_needed,
+            flushed_seq=max(m.flushed_seq, frozen.map.max_seq),
+            logs=tuple(sorted(needed)),
         )
 
     def _write_flush_file(self, frozen: InMemoryMap, path: str) -> FileRef:
         props = self._ctx.table_props(self.extent.table_id)
+        # Flush files have a codec of their own (`table.minc.compress.type`): a flush must keep
+        # up with ingest, and its file is soon rewritten by a compaction with the table's codec.
         writer = SortedFileWriter(
-            self._ctx.storage, path, compression=props["table.file.compress.type"]
+            self._ctx.storage, path, compression=props["table.minc.compress.type"]
         )
         try:
-            for batch in merge_sorted(
-                [frozen.sorted_table().to_batches()],
-                versions=props.get_int("table.versions"),
-                propagate_deletes=True,
-            ):
+            run = frozen.sorted_table()
+            if each_column_once(run):
+                # Nothing for the merge to resolve (it would pass every entry through), and it
+                # cost a quarter of a flush's CPU. Common: ingest rarely rewrites a column
+                # between two flushes.
+                batches: Iterable[pa.RecordBatch] = run.to_batches()
+            else:
+                batches = merge_sorted(
+                    [run.to_batches()],
+                    versions=props.get_int("table.versions"),
+                    propagate_deletes=True,
+                )
+            for batch in batches:
                 writer.write(batch)
             info = writer.close()
         except BaseException:
@@ -295,7 +354,7 @@ class Tablet:
         Returns the sources and the files they read, so the caller can mark them in use.
         """
         with self._lock:
-            maps = [self._memtable, *reversed(self._flushing)]
+            maps = [self._memtable, *(f.map for f in reversed(self._frozen))]
             files = newest_first(self._meta.files)
         sources: list[Iterable[pa.RecordBatch]] = [m.sorted_table(rng).to_batches() for m in maps]
         sources += [self._file_batches(f, rng) for f in files]
