@@ -204,7 +204,7 @@ class Store:
                 # online may still have internal compactions running in this process.
                 m = self.meta.mutate_tablet(m.extent, _drop_internal_compactions) or m
             tb = Tablet(m, self._ctx)
-            tb.clock.observe(floor)
+            tb.clock.observe(max(floor, m.time))
             tablets.append(tb)
         with self._lock:
             self._tablets[table_id] = tablets
@@ -715,9 +715,13 @@ class Store:
                         # compaction of all the tablet's files would drop the delete but not
                         # those puts, which would then reappear.
                         tb.flush()
-                        tb.mutate(lambda m, f=fenced: m.replace(files=(*m.files, f)))
                         for _key in (meta.first_key, meta.last_key):
                             tb.clock.observe(_key.timestamp)
+                        tb.mutate(
+                            lambda m, f=fenced, tb=tb: m.replace(
+                                files=(*m.files, f), time=max(m.time, tb.clock.last)
+                            )
+                        )
                         self._files_changed(tb.extent)
             added.append(ref)
         return added

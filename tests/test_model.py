@@ -527,14 +527,7 @@ def _import_future_entry(s: lithify.Store, tmp_path: Path, ahead_ms: int) -> int
         "split",
         "merge",
         "offline_online",
-        pytest.param(
-            "reopen",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a tablet's time is not persisted: after a restart the clock starts from "
-                "the wall clock, behind timestamps already handed out",
-            ),
-        ),
+        "reopen",
     ],
 )
 def test_server_time_never_goes_backwards(op: str, tmp_path: Path, metadata_url: str) -> None:

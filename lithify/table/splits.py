@@ -54,6 +54,7 @@ def merge_tablets(metas: Sequence[TabletMeta]) -> TabletMeta:
         compactions={},
         selection=None,
         flushed_seq=max(m.flushed_seq for m in metas),
+        time=max(m.time for m in metas),
     )
 
 

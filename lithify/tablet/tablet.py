@@ -288,7 +288,9 @@ class Tablet:
 
     def _commit_flush(self, m: TabletMeta, ref: FileRef, frozen: _Frozen) -> TabletMeta:
         """The metadata with the flushed map's file added: its entries no longer need a log,
-        but the live map's and the other frozen maps' entries still do."""
+        but the live map's and the other frozen maps' entries still do. The tablet's time is
+        recorded too: after a restart no log may be left to replay, and the clock must still
+        start past every timestamp handed out."""
         with self._lock:
             needed = set(self._memtable_logs)
             for other in self._frozen:
@@ -299,6 +301,7 @@ class Tablet:
             files=(*m.files, ref),
             flushed_seq=max(m.flushed_seq, frozen.map.max_seq),
             logs=tuple(sorted(needed)),
+            time=max(m.time, self.clock.last),
         )
 
     def _write_flush_file(self, frozen: InMemoryMap, path: str) -> FileRef:
