@@ -36,7 +36,7 @@ TABLE = "ci"
 ENTRIES = 2_000_000
 #: Small jobs stay in the tablet server; medium and large ones go to the compactors.
 EXECUTORS = (
-    '[{"name": "small", "type": "internal", "maxSize": "1M", "numThreads": 1},'
+    '[{"name": "small", "type": "internal", "maxSize": "4M", "numThreads": 1},'
     ' {"name": "big", "type": "external", "queue": "DCQ1"}]'
 )
 #: Time between two compactor kills, and how long the faults go on after the ingest ended
