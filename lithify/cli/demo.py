@@ -63,7 +63,7 @@ def executor_table(store: lithify.Store) -> Table:
 )
 @click.option(
     "--small-max",
-    default="3M",
+    default="12M",
     show_default=True,
     help="Cluster mode: compactions below this size stay in the tablet server; larger ones go "
     "to the external queue DCQ1.",
