@@ -4,14 +4,19 @@
 * no file is an input of two running compaction records;
 * with `settled=True` (all compactions finished, garbage collected): no temporary file is left;
 * where continuous ingest ran: verify has UNDEFINED = 0 and CORRUPT = 0.
+
+And the recoverability invariant raced by writes and flushes (`race_writes_and_flushes`).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 
 from lithify.continuous.verify import VerifyResult, verify_batches
-from lithify.data.ranges import FileRef
+from lithify.data.ranges import Extent, FileRef
 from lithify.files.naming import is_tmp
 from lithify.files.reader import SortedFileReader
 from lithify.files.storage import Storage
@@ -53,3 +58,48 @@ def check_verify(batches) -> VerifyResult:  # type: ignore[no-untyped-def]
     assert result.corrupt == 0, f"CORRUPT={result.corrupt}"
     assert result.referenced > 0
     return result
+
+
+def race_writes_and_flushes(
+    meta: MetadataStore,
+    extent: Extent,
+    write: Callable[[int], int],
+    flush: Callable[[], object],
+    seconds: float = 2.0,
+) -> None:
+    """Run `write(i)` (returns the write's sequence number) and `flush()` in two threads for
+    `seconds`, asserting after every write that it is recoverable at that moment: in a committed
+    file (the tablet's flushed_seq >= its sequence number) or in a log the metadata lists."""
+    deadline = time.monotonic() + seconds
+    errors: list[str] = []
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(1_000_000):
+                if time.monotonic() > deadline:
+                    return
+                seq = write(i)
+                m = meta.get_tablet(extent)
+                if m is not None and m.flushed_seq < seq and not m.logs:
+                    errors.append(f"seq {seq}: flushed_seq {m.flushed_seq}, no logs")
+        except BaseException as e:  # noqa: BLE001 - reported by the test thread
+            failures.append(e)
+
+    def flusher() -> None:
+        try:
+            for _ in range(1_000_000):
+                if time.monotonic() > deadline:
+                    return
+                flush()
+        except BaseException as e:  # noqa: BLE001 - reported by the test thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=flusher)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60 + seconds)
+    assert not any(t.is_alive() for t in threads), "writer or flusher did not stop"
+    assert not failures, failures
+    assert not errors, errors[:5]

@@ -37,6 +37,7 @@ import lithify
 from lithify import Mutation
 from lithify.data.mutation import mutations_to_table
 from tests import crash_child as cc
+from tests.consistency import race_writes_and_flushes
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "crash_child.py"
@@ -291,39 +292,10 @@ def test_acknowledged_write_stays_recoverable_while_flushes_commit(
     try:
         s.create_table("t")
         (tablet,) = s._hosted(s.table_info("t"))  # the tablet itself: its write returns the seq
-        deadline = time.monotonic() + 2.0
-        errors: list[str] = []
-        failures: list[BaseException] = []
 
-        def writer() -> None:
-            try:
-                for i in range(1_000_000):
-                    if time.monotonic() > deadline:
-                        return
-                    entries = mutations_to_table([Mutation(f"r{i:07d}").put("f", "q", "v")])
-                    seq = tablet.write(entries)
-                    m = s.meta.get_tablet(tablet.extent)
-                    if m is not None and m.flushed_seq < seq and not m.logs:
-                        errors.append(f"seq {seq}: flushed_seq {m.flushed_seq}, no logs")
-            except BaseException as e:  # noqa: BLE001 - reported by the test thread
-                failures.append(e)
+        def write(i: int) -> int:
+            return tablet.write(mutations_to_table([Mutation(f"r{i:07d}").put("f", "q", "v")]))
 
-        def flusher() -> None:
-            try:
-                for _ in range(1_000_000):
-                    if time.monotonic() > deadline:
-                        return
-                    tablet.flush()
-            except BaseException as e:  # noqa: BLE001
-                failures.append(e)
-
-        threads = [threading.Thread(target=writer), threading.Thread(target=flusher)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in threads), "writer or flusher did not stop"
-        assert not failures, failures
-        assert not errors, errors[:5]
+        race_writes_and_flushes(s.meta, tablet.extent, write, tablet.flush)
     finally:
         s.close()

@@ -8,7 +8,6 @@ freezes maps at the memory limit so flushes stay about that size.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import lithify
 from lithify import Mutation
 from lithify.data.mutation import mutations_to_table
 from lithify.tablet.tablet import Tablet
+from tests.consistency import race_writes_and_flushes
 
 
 def _open(tmp_path: Path, metadata_url: str) -> lithify.Store:
@@ -103,43 +103,16 @@ def test_acknowledged_writes_stay_recoverable_while_frozen_maps_commit(
     with _open(tmp_path, metadata_url) as s:
         s.create_table("t")
         tb = _tablet(s)
-        deadline = time.monotonic() + 2.0
-        errors: list[str] = []
-        failures: list[BaseException] = []
         written = [0]
 
-        def writer() -> None:
-            try:
-                for i in range(1_000_000):
-                    if time.monotonic() > deadline:
-                        return
-                    seq = _write(tb, i, 1)
-                    written[0] = i + 1
-                    if i % 7 == 0:
-                        tb.freeze()
-                    m = s.meta.get_tablet(tb.extent)
-                    if m is not None and m.flushed_seq < seq and not m.logs:
-                        errors.append(f"seq {seq}: flushed_seq {m.flushed_seq}, no logs")
-            except BaseException as e:  # noqa: BLE001 - reported by the test thread
-                failures.append(e)
+        def write(i: int) -> int:
+            seq = _write(tb, i, 1)
+            written[0] = i + 1
+            if i % 7 == 0:
+                tb.freeze()
+            return seq
 
-        def flusher() -> None:
-            try:
-                for _ in range(1_000_000):
-                    if time.monotonic() > deadline:
-                        return
-                    tb.flush(live=False)
-            except BaseException as e:  # noqa: BLE001
-                failures.append(e)
-
-        threads = [threading.Thread(target=writer), threading.Thread(target=flusher)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in threads), "writer or flusher did not stop"
-        assert not failures, failures
-        assert not errors, errors[:5]
+        race_writes_and_flushes(s.meta, tb.extent, write, lambda: tb.flush(live=False))
         assert s.flush_totals()["files"] >= 2, "no frozen map was flushed meanwhile"
         assert _rows(s) == _expect(0, written[0])
     with _open(tmp_path, metadata_url) as s:  # recovery replays exactly the unflushed rest
