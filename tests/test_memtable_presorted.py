@@ -14,14 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lithify.compaction.merge import merge_sorted
-from lithify.data.key import COLUMN_FIELDS, sort_tuple
+from lithify.data.key import COLUMN_FIELDS, SORT_KEYS, sort_tuple
 from lithify.tablet.memtable import (
     InMemoryMap,
     _neighbour_order,
-    _strictly_increasing,
     each_column_once,
 )
 from tests.test_memtable import Entry, as_tuples, random_entries, reference, table_of
+
+
+def strictly_increasing(table: pa.Table) -> bool:
+    """Whether each entry's key is strictly greater than the one before it."""
+    return bool(_neighbour_order(table, SORT_KEYS)[0].all())
 
 
 def _key_sorted(rows: list[Entry]) -> list[Entry]:
@@ -94,8 +98,8 @@ def test_identical_key_across_adds_takes_the_sort_and_the_higher_seq_wins() -> N
 
 def test_versions_of_one_column_are_sorted_by_timestamp_then_delete_first() -> None:
     in_order = [_entry(b"k", ts=9), _entry(b"k", ts=5, deleted=True), _entry(b"k", ts=5)]
-    assert _strictly_increasing(table_of(in_order))
-    assert not _strictly_increasing(table_of(in_order[::-1]))
+    assert strictly_increasing(table_of(in_order))
+    assert not strictly_increasing(table_of(in_order[::-1]))
     m = InMemoryMap()
     m.add(table_of(in_order), 1)
     out, _, presorted = _read(m)
@@ -164,9 +168,9 @@ def test_neighbour_ties_compares_every_key_field() -> None:
         ((*base[:4], 5, True, b"x"), base),  # at one timestamp the delete first
     ]
     for first, second in pairs:
-        assert _strictly_increasing(table_of([first, second])), (first, second)
-        assert not _strictly_increasing(table_of([second, first])), (first, second)
-    assert not _strictly_increasing(table_of([base, base]))  # identical keys
+        assert strictly_increasing(table_of([first, second])), (first, second)
+        assert not strictly_increasing(table_of([second, first])), (first, second)
+    assert not strictly_increasing(table_of([base, base]))  # identical keys
     other: Entry = (b"q", *base[1:])
     before, tied = _neighbour_order(table_of([base, base, other, base]), [("row", "ascending")])
     assert list(before) == [False, False, True] and list(tied) == [True, False, False]

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from lithify.compaction import sort_key
 from lithify.compaction.iterators import CompactionIterator, load_iterators
-from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, sort_tuple
+from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, sort_tuple_at
 from lithify.errors import CompactionCancelledError
 from lithify.files.writer import WORK_MEMORY_POOL
 
@@ -95,40 +95,28 @@ class _Source:
         seen = 0
         for b in self.bufs:
             if seen + b.num_rows >= limit:
-                return _key(b, limit - seen - 1)
+                return sort_tuple_at(b, limit - seen - 1)
             seen += b.num_rows
         b = self.bufs[-1]
-        return _key(b, b.num_rows - 1)
+        return sort_tuple_at(b, b.num_rows - 1)
 
     def take_through(self, cutoff: KeyTuple) -> list[pa.RecordBatch]:
         """Remove and return the buffered entries whose keys are <= `cutoff`."""
         out: list[pa.RecordBatch] = []
         while self.bufs:
             b = self.bufs[0]
-            if _key(b, b.num_rows - 1) <= cutoff:
+            if sort_tuple_at(b, b.num_rows - 1) <= cutoff:
                 out.append(b)
                 self.bufs.pop(0)
                 self.rows -= b.num_rows
                 continue
-            cut = 0 if _key(b, 0) > cutoff else bisect.bisect_right(_KeyView(b), cutoff)
+            cut = 0 if sort_tuple_at(b, 0) > cutoff else bisect.bisect_right(_KeyView(b), cutoff)
             if cut:
                 out.append(b.slice(0, cut))
                 self.bufs[0] = b.slice(cut)
                 self.rows -= cut
             break
         return out
-
-
-def _key(batch: pa.RecordBatch, i: int) -> KeyTuple:
-    c = batch.columns
-    return sort_tuple(
-        c[0][i].as_py(),
-        c[1][i].as_py(),
-        c[2][i].as_py(),
-        c[3][i].as_py(),
-        c[4][i].as_py(),
-        c[5][i].as_py(),
-    )
 
 
 class _KeyView(Sequence[KeyTuple]):
@@ -141,7 +129,7 @@ class _KeyView(Sequence[KeyTuple]):
         return self.batch.num_rows
 
     def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
-        return _key(self.batch, i)
+        return sort_tuple_at(self.batch, i)
 
 
 def merge_sorted(

@@ -57,25 +57,22 @@ def _length_dtype(longest: int) -> np.dtype:
     return np.dtype(">u8")
 
 
-def _field(col: pa.Array) -> tuple[list[tuple[str, np.dtype]], list[np.ndarray]]:
+def _field(col: pa.Array) -> tuple[list[np.dtype], list[np.ndarray]]:
     """The key-field layout (numpy record formats) and values of one binary column."""
     n = len(col)
     off = _offsets(col)
     lens = np.diff(off)
     longest = int(lens.max()) if n else 0
-    data = np.frombuffer(col.buffers()[2], dtype=np.uint8) if longest else None
     if longest == 0:
         return [], []
+    data = np.frombuffer(col.buffers()[2], dtype=np.uint8)
+    field = np.dtype(f"S{longest}")
     if bool((lens == longest).all()):
-        raw = data[off[0] : off[0] + n * longest]  # type: ignore[index]
-        return [("", np.dtype(f"S{longest}"))], [raw.view(f"S{longest}")]
+        return [field], [data[off[0] : off[0] + n * longest].view(field)]
     padded = np.zeros((n, longest), dtype=np.uint8)
-    padded[np.arange(longest)[None, :] < lens[:, None]] = data[off[0] : off[-1]]  # type: ignore[index]
-    ldt = _length_dtype(longest)
-    return (
-        [("", np.dtype(f"S{longest}")), ("", ldt)],
-        [padded.view(f"S{longest}").ravel(), lens.astype(ldt)],
-    )
+    padded[np.arange(longest)[None, :] < lens[:, None]] = data[off[0] : off[-1]]
+    length = _length_dtype(longest)
+    return [field, length], [padded.view(field).ravel(), lens.astype(length)]
 
 
 def encode(batch: pa.RecordBatch) -> SortKeys | None:
@@ -87,7 +84,7 @@ def encode(batch: pa.RecordBatch) -> SortKeys | None:
         if col.null_count:
             return None
         fmts, vals = _field(col)
-        formats += [f for _, f in fmts]
+        formats += fmts
         values += vals
     column_bytes = sum(f.itemsize for f in formats)
     width = column_bytes + 9

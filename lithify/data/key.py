@@ -69,6 +69,13 @@ def sort_tuple(
     return (row, family, qualifier, visibility, -timestamp, not deleted)
 
 
+def sort_tuple_at(
+    batch: pa.RecordBatch | pa.Table, i: int
+) -> tuple[bytes, bytes, bytes, bytes, int, bool]:
+    """The `sort_tuple` of entry `i` of a batch or table with the ENTRY_SCHEMA key columns."""
+    return sort_tuple(*(batch.column(name)[i].as_py() for name, _ in SORT_KEYS))
+
+
 def key_at(batch: pa.RecordBatch | pa.Table, i: int) -> Key:
     """The key of entry `i` of a batch in `ENTRY_SCHEMA`."""
     return Key(

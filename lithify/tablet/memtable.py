@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, sort_tuple
+from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, sort_tuple, sort_tuple_at
 from lithify.data.ranges import FULL_RANGE, RowRange
 from lithify.tablet.clock import TabletClock
 
@@ -240,8 +240,8 @@ def _sort_adds(adds: list[tuple[pa.Table, int]]) -> tuple[pa.Table, bool]:
 def _merge_runs(runs: list[pa.Table]) -> tuple[pa.Table, bool]:
     """One sorted run from runs listed newest first (stable: at an equal key and seq, the newer
     run's entry stays first), and whether their ranges were disjoint (no sort needed)."""
-    firsts = [_sort_key(r, 0) for r in runs]
-    lasts = [_sort_key(r, r.num_rows - 1) for r in runs]
+    firsts = [sort_tuple_at(r, 0) for r in runs]
+    lasts = [sort_tuple_at(r, r.num_rows - 1) for r in runs]
     order = _disjoint_order(firsts, lasts)
     if order is not None:
         return _defragment(pa.concat_tables([runs[i] for i in order])), True
@@ -290,11 +290,6 @@ def _disjoint_order(firsts: list[tuple], lasts: list[tuple]) -> list[int] | None
     return order
 
 
-def _strictly_increasing(table: pa.Table) -> bool:
-    """Whether each entry's key (the six key fields) is strictly greater than the one before."""
-    return bool(_neighbour_order(table, SORT_KEYS)[0].all())
-
-
 def each_column_once(run: pa.Table) -> bool:
     """Whether no two entries of a sorted run (ENTRY_SCHEMA) belong to the same column.
 
@@ -339,11 +334,6 @@ def _neighbour_order(table: pa.Table, keys: list[tuple[str, str]]) -> tuple[np.n
 def _bools(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A boolean Arrow result as a writable numpy array (unpacked from the bitmap)."""
     return np.require(values.to_numpy(zero_copy_only=False), dtype=bool, requirements="W")
-
-
-def _sort_key(table: pa.Table, i: int) -> tuple[bytes, bytes, bytes, bytes, int, bool]:
-    """The key of entry `i` as a tuple in key order."""
-    return sort_tuple(*(table.column(name)[i].as_py() for name in _KEY_NAMES))
 
 
 def _sort_keys(table: pa.Table, rows: np.ndarray) -> list[tuple]:
