@@ -229,14 +229,14 @@ def _order(batch: pa.RecordBatch, presorted: bool) -> tuple[np.ndarray | None, n
     [i] tells whether entry i is a version of entry i-1's column, [0] is false).
 
     Byte-string sort keys (see `sort_key`) make this one run-adaptive sort; keys too wide to
-    encode fall back to Arrow's multi-column sort and column-by-column comparisons.
+    encode fall back to Arrow's multi-column sort. Entries already in order (one source) need
+    no keys: comparing neighbours column by column is cheaper than encoding them.
     """
     n = batch.num_rows
-    keys = sort_key.encode(batch)
+    keys = None if presorted else sort_key.encode(batch)
     if keys is not None:
-        order = None if presorted else sort_key.merge_order(keys)
-        ordered = keys.keys if order is None else keys.keys[order]
-        return order, sort_key.same_column(ordered, keys.column_bytes)
+        order = sort_key.merge_order(keys)
+        return order, sort_key.same_column(keys.keys[order], keys.column_bytes)
     if presorted:
         order, cols = None, batch.columns[:6]
     else:
