@@ -532,7 +532,12 @@ class Store:
     def _schedule_flush(self, tb: Tablet, *, live: bool) -> Future:
         """A flush task for the tablet; an unfinished one already queued is reused when it
         covers what is asked (a live flush that has not started covers everything written
-        before it runs; any unfinished task covers the maps already frozen)."""
+        before it runs; any unfinished task covers the maps already frozen).
+
+        The task completes its future itself, under this lock, when it finds no frozen map
+        left (see `_flush_task`), so reusing an unfinished task is safe: it has not looked at
+        the frozen queue for the last time yet, and will see the map frozen before this call.
+        """
         with self._lock:
             fut, fut_live = self._pending_flush.get(tb.extent, (None, False))
             if (
@@ -541,25 +546,42 @@ class Store:
                 and (not live or (fut_live and not fut.running()))
             ):
                 return fut
-            fut = self._flusher.submit(self._flush_task, tb, live)
+            fut = Future()
+            self._flusher.submit(self._flush_task, tb, live, fut)
             self._pending_flush[tb.extent] = (fut, live)
             return fut
 
-    def _flush_task(self, tb: Tablet, live: bool) -> FileRef | None:
+    def _flush_task(self, tb: Tablet, live: bool, done: Future) -> None:
         """Flush a tablet, then the maps frozen while that flush was finishing (a writer that
-        froze one then found this task still unfinished and relied on it)."""
+        froze one then found this task still unfinished and relied on it); complete `done`.
+
+        The last look at the frozen queue and the completion of `done` happen together under
+        the store lock, the lock `_schedule_flush` decides under: were the task's future
+        completed only after it returned, a map frozen in between would find the task
+        unfinished, rely on it, and wait in memory for the next write or explicit flush.
+        """
+        if not done.set_running_or_notify_cancel():
+            return
         try:
             ref = tb.flush(live=live)
             for _ in range(_FLUSH_PASSES):
-                if not tb.frozen_maps or self._closed:
-                    break
+                with self._lock:
+                    if not tb.frozen_maps or self._closed:
+                        done.set_result(ref)
+                        return
                 ref = tb.flush(live=False) or ref
-            return ref
-        except Exception:
+            with self._lock:
+                # Writers keep freezing maps: end this task and queue a fresh one behind the
+                # other tablets' flushes (`done` first, so that it is not reused).
+                done.set_result(ref)
+                if tb.frozen_maps and not self._closed:
+                    self._schedule_flush(tb, live=False)
+        except BaseException as e:
             log.exception(
                 "flush of %s failed; its entries stay in memory and in the log", tb.extent
             )
-            raise
+            if not done.done():
+                done.set_exception(e)
         finally:
             with self._memory_cv:
                 self._memory_cv.notify_all()
