@@ -1,35 +1,47 @@
-"""Shared pieces of the external-compaction fault tests 1-7 (issue 4).
+"""Shared pieces of the external-compaction fault tests of issue 4 (tests/test_faults_*.py).
 
-The fault tests run a real cluster (`tests/cluster_util.py`), feed it continuous-ingest data
-through a client, break one process at a chosen moment and then check that nothing was lost or
-left behind. What they share lives here:
+The fault tests run a real cluster (`tests/cluster_util.py`), feed it data through a client,
+break one process (or cancel, reconfigure, call with a wrong secret) at a chosen moment and then
+check that nothing was lost or left behind. What they share lives here, and the test modules
+use it as `from tests import faults_common as faults`:
 
+* Set-up: `start_slow_ingest` (continuous ingest into `TABLE`, whose compactions run slowly on
+  the compactors), `start_slow_rows` (four flushes of plain rows into a slow table),
+  `write_flushed` and `entries` (rows of the form `key -> value+key`); reading them back
+  (`scanned_rows`) and looking for temporary files (`no_tmp_files`).
 * `AckedIngest`: continuous ingest through `Client.write` that remembers every entry the tablet
   server acknowledged, so a test can check after a crash that each of them is still there.
-* Reading the running compaction records (`running_records`) and waiting for one to commit
-  (`committed`), and which compactor process runs what (`compactor_status`, `compactor_names`).
-* `settle_and_check`: the end of every fault test. Verify the ingested lists, let the
-  compactions settle (compactors stopped gracefully: each finishes its job, takes no more), check
-  that the protocol left no temporary file behind by itself, then stop the tablet server (so no
-  flush can race it), collect garbage and run the file-level consistency check with
+* Reading the running compaction records (`running_records`), waiting for them
+  (`wait_records`, `wait_running`) and for one to commit (`committed`), and which compactor
+  process runs what (`compactor_status`, `compactor_names`, `runner_and_spare`,
+  `compactors_idle`).
+* The active coordinator's view and metrics (`coordinator_view`, `coordinator_metrics`,
+  `metric`, `scrape`).
+* `settle_and_check`: the end of the tests that break a process. Verify the ingested lists, let
+  the compactions settle (compactors stopped gracefully: each finishes its job, takes no more),
+  check that the protocol left no temporary file behind by itself, then stop the tablet server
+  (so no flush can race it), collect garbage and run the file-level consistency check with
   `settled=True`.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pyarrow as pa
+from prometheus_client.parser import text_string_to_metric_families
 
 import lithify
 from lithify.continuous.ingest import DEPTH, ContinuousIngest
 from lithify.continuous.verify import VerifyResult
 from lithify.data.ranges import Extent, FileRef
+from lithify.errors import TableNotFoundError
 from lithify.files.in_use import FilesInUse
 from lithify.files.naming import is_tmp
 from lithify.files.storage import Storage
@@ -50,17 +62,19 @@ COMMIT_WAIT_S = 60.0
 Key = tuple[bytes, bytes, bytes]
 
 
-def slow_majc(sleep_s: float) -> dict[str, str]:
+def slow_majc(sleep_s: float, priority: int = 50) -> dict[str, str]:
     """Table properties that make every major compaction of the table sleep `sleep_s` per
     batch it writes (about 4,000 entries: four ingest cycles take four batches), so a test can
-    break a process while a compaction is surely in the middle of its work."""
+    break a process while a compaction is surely in the middle of its work. `priority` places
+    the slow iterator among the table's major-compaction iterators."""
     return {
-        "table.iterator.majc.slow": f"50,{SLOW_ITERATOR}",
+        "table.iterator.majc.slow": f"{priority},{SLOW_ITERATOR}",
         "table.iterator.majc.slow.opt.sleep_s": f"{sleep_s:g}",
     }
 
 
 def storage_of(cluster: LocalCluster) -> Storage:
+    """The instance's data files, as every process of the cluster sees them."""
     return Storage(str(cluster.directory / "data"))
 
 
@@ -163,13 +177,119 @@ class AckedIngest:
         return len(acked)
 
 
+# ---------------------------------------------------------------------- set-up, rows and files
+
+
+def start_slow_ingest(
+    cluster: LocalCluster,
+    *,
+    sleep_s: float | None,
+    coordinators: int = 1,
+    compactors: int = 1,
+    splits: Sequence[str] = (),
+    properties: Mapping[str, str] | None = None,
+    cycles: int = 4,
+) -> tuple[lithify.Client, str, AckedIngest]:
+    """Start a cluster whose compactions all run on compactors, with continuous ingest in it.
+
+    Afterwards the tablet server, `coordinators` coordinators and `compactors` compactors run
+    (every compaction of the default service goes to the external queue DCQ1); table `TABLE`
+    exists, split at `splits`, with `properties` and `slow_majc(sleep_s)` (no slow iterator
+    when `sleep_s` is None); and `cycles` continuous-ingest cycles were written, each flushed,
+    so every tablet holds `cycles` files: with four, the ratio planner has queued a compaction
+    of each tablet, and the compactors take them up slowly; with two, nothing is compacted.
+    Returns the client, the table's id and the `AckedIngest` that wrote the cycles.
+    """
+    cluster.start(coordinators=coordinators, compactors=compactors, external_only=True)
+    c = cluster.client()
+    slow = slow_majc(sleep_s) if sleep_s is not None else {}
+    c.create_table(TABLE, splits=splits, properties={**(properties or {}), **slow})
+    table_id = c.table_info(TABLE).id
+    ingest = AckedIngest(c)
+    ingest.cycles(cycles)
+    return c, table_id, ingest
+
+
+def start_slow_rows(
+    cluster: LocalCluster,
+    table: str,
+    *,
+    compactors: int,
+    splits: Sequence[str],
+    rows: str,
+    per_row: int,
+) -> tuple[lithify.Client, str, list[bytes]]:
+    """Start a cluster of one coordinator and `compactors` compactors with every compaction
+    external (queue DCQ1), and a table whose system compactions sleep 1 s per input batch.
+
+    Afterwards table `table` exists, split at `splits`, and holds four equal flushes: in each,
+    `per_row` rows for every letter of `rows` (`{letter}{j:02d}{flush}`). Every tablet that got
+    rows has four flushed files, so the ratio planner has queued a compaction of each, and the
+    compactors take them up slowly (a few seconds each). Returns the client, the table's id and
+    the rows written, sorted.
+    """
+    cluster.start(coordinators=1, compactors=compactors, external_only=True)
+    c = cluster.client()
+    c.create_table(table, splits=splits, properties=slow_majc(1, priority=10))
+    table_id = c.table_info(table).id
+    expected = write_flushed(
+        c, table, 4, lambda i: [f"{r}{j:02d}{i}" for r in rows for j in range(per_row)]
+    )
+    return c, table_id, expected
+
+
+def write_flushed(
+    client: lithify.Client, table: str, rounds: int, keys_of: Callable[[int], list[str]]
+) -> list[bytes]:
+    """Write `entries(keys_of(i), f"v{i}")` into `table` for each round `i`, flushing after
+    each (one new file in every tablet the round wrote to); returns the rows written, sorted."""
+    expected: list[bytes] = []
+    for i in range(rounds):
+        keys = keys_of(i)
+        client.write(table, entries(keys, f"v{i}"))
+        expected += [k.encode() for k in keys]
+        client.flush(table)
+    expected.sort()
+    return expected
+
+
+def entries(keys: Sequence[str], value: str, pad: int = 0) -> pa.Table:
+    """Entries `key -> value+key` (column f:q); `pad` random bytes make files big on purpose
+    (random, so compression cannot shrink them below an executor's size limit)."""
+    values = [
+        f"{value}{k}".encode() + (os.urandom(pad // 2).hex().encode() if pad else b"") for k in keys
+    ]
+    n = len(keys)
+    return pa.table(
+        {
+            "row": pa.array([k.encode() for k in keys], pa.binary()),
+            "family": pa.array([b"f"] * n, pa.binary()),
+            "qualifier": pa.array([b"q"] * n, pa.binary()),
+            "value": pa.array(values, pa.binary()),
+        }
+    )
+
+
+def scanned_rows(client: lithify.Client, table: str) -> list[bytes]:
+    return [k.row for k, _ in client.scan_entries(table)]
+
+
+def no_tmp_files(cluster: LocalCluster) -> bool:
+    return not list((cluster.directory / "data").rglob("*_tmp_*"))
+
+
 # ---------------------------------------------------------------------- records and compactors
 
 
 def running_records(meta: MetadataStore, table_id: str) -> dict[str, tuple[Extent, dict]]:
-    """The table's external compaction records by ECID (internal ones have no `ecid`)."""
+    """The table's external compaction records by ECID (internal ones have no `ecid`); none
+    for a table that no longer exists."""
+    try:
+        metas = meta.tablets(table_id)
+    except TableNotFoundError:
+        return {}
     out: dict[str, tuple[Extent, dict]] = {}
-    for m in meta.tablets(table_id):
+    for m in metas:
         for key, rec in m.compactions.items():
             if isinstance(rec, Mapping) and rec.get("ecid") == key:
                 out[key] = (m.extent, dict(rec))
@@ -209,6 +329,19 @@ def compactor_names(cluster: LocalCluster) -> dict[str, str]:
     }
 
 
+def runner_and_spare(cluster: LocalCluster, compactor_id: str) -> tuple[str, str, str]:
+    """For a cluster of two live compactors, one of which (id `compactor_id`, as in a record)
+    runs a job: (that one's process name, the other one's id, the other one's name)."""
+    names = compactor_names(cluster)
+    runner = names.pop(compactor_id)
+    [(spare_id, spare)] = names.items()
+    return runner, spare_id, spare
+
+
+def compactors_idle(cluster: LocalCluster, names: Iterable[str]) -> bool:
+    return all(compactor_status(cluster, n)["ecid"] is None for n in names)
+
+
 def wait_records(
     cluster: LocalCluster, table_id: str, n: int, timeout_s: float = 90.0
 ) -> dict[str, tuple[Extent, dict]]:
@@ -228,10 +361,62 @@ def wait_records(
     return cluster.wait_for(started, timeout_s, f"{n} external compaction(s) to run")
 
 
+def wait_running(
+    cluster: LocalCluster, table_id: str, running: int, *, queued: int | None = None
+) -> None:
+    """Wait (up to 60 s, looking every 50 ms) until exactly `running` external compactions of
+    the table are recorded and, unless `queued` is None, exactly `queued` jobs wait in DCQ1."""
+
+    def busy() -> bool:
+        return len(running_records(cluster.meta, table_id)) == running and (
+            queued is None or coordinator_view(cluster)["queues"].get("DCQ1", 0) == queued
+        )
+
+    what = f"{running} external compaction(s) running"
+    if queued is not None:
+        what += f" and {queued} queued on DCQ1"
+    cluster.wait_for(busy, 60, what, interval_s=0.05)
+
+
 def report_failed(cluster: LocalCluster, name: str, ecid: str, attempts: int = 1) -> bool:
     """Whether compactor `name` logged at least `attempts` failed final reports of `ecid`:
     its temporary file is complete and no coordinator has heard the result."""
     return cluster.log(name).count(f"report /v1/compactor/finished of {ecid} failed") >= attempts
+
+
+# ---------------------------------------------------------------------- the coordinator's view
+
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def scrape(text: str) -> Samples:
+    """Prometheus text -> {sample name: {sorted label pairs: value}}."""
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def coordinator_view(cluster: LocalCluster) -> dict[str, Any]:
+    """The active coordinator's queues and running set (`GET /v1/coordinator`)."""
+    url = cluster.coordinator_url()
+    assert url, "no coordinator holds the lease"
+    return httpx.get(
+        f"{url}/v1/coordinator", headers={SECRET_HEADER: cluster.secret}, timeout=10
+    ).json()
+
+
+def coordinator_metrics(cluster: LocalCluster) -> Samples:
+    url = cluster.coordinator_url()
+    assert url, "no coordinator holds the lease"
+    text = httpx.get(f"{url}/metrics", headers={SECRET_HEADER: cluster.secret}, timeout=10).text
+    return scrape(text)
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value (0 when absent: counters of a queue nobody used yet)."""
+    return samples.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
 
 # ---------------------------------------------------------------------- the end of every test

@@ -7,30 +7,25 @@ that must cancel them, measures how long the cancellation takes where the contra
 tablet exists and is readable, no file is an input of two running compactions, and once
 everything settled no temporary file is left.
 
-The helpers at the top are shared with the other fault-test modules of this series
-(`test_faults_config.py`, `test_faults_ingest.py`).
+The helpers they share with the other fault-test modules are in tests/faults_common.py.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import httpx
-import pyarrow as pa
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import lithify
 from lithify.data.ranges import Extent
 from lithify.errors import CompactionCancelledError, TableNotFoundError
 from lithify.files.in_use import FilesInUse
-from lithify.files.storage import Storage
 from lithify.gc import collect_garbage
 from lithify.rpc.auth import SECRET_HEADER
+from tests import faults_common as faults
 from tests.cluster_util import SLOW_ITERATOR, LocalCluster
 from tests.consistency import check_files
 from tests.test_coordinator_core import (  # noqa: F401 - env is a fixture
@@ -46,88 +41,6 @@ from tests.test_coordinator_core import (  # noqa: F401 - env is a fixture
 CANCEL_LIMIT_S = 10.0
 
 
-# ---------------------------------------------------------------------- shared helpers
-
-Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
-
-
-def scrape(text: str) -> Samples:
-    """Prometheus text -> {sample name: {sorted label pairs: value}}."""
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return out
-
-
-def storage_of(cluster: LocalCluster) -> Storage:
-    """The instance's data files, as every process of the cluster sees them."""
-    return Storage(str(cluster.directory / "data"))
-
-
-def entries(keys: Sequence[str], value: str, pad: int = 0) -> pa.Table:
-    """Entries `key -> value+key` (column f:q); `pad` random bytes make files big on purpose
-    (random, so compression cannot shrink them below an executor's size limit)."""
-    values = [
-        f"{value}{k}".encode() + (os.urandom(pad // 2).hex().encode() if pad else b"") for k in keys
-    ]
-    n = len(keys)
-    return pa.table(
-        {
-            "row": pa.array([k.encode() for k in keys], pa.binary()),
-            "family": pa.array([b"f"] * n, pa.binary()),
-            "qualifier": pa.array([b"q"] * n, pa.binary()),
-            "value": pa.array(values, pa.binary()),
-        }
-    )
-
-
-def scanned_rows(client: lithify.Client, table: str) -> list[bytes]:
-    return [k.row for k, _ in client.scan_entries(table)]
-
-
-def compactor_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
-    """A compactor's own view (`GET /v1/status`): the ECID it runs and its job counters."""
-    return httpx.get(
-        f"{cluster.url(name)}/v1/status", headers={SECRET_HEADER: cluster.secret}, timeout=10
-    ).json()
-
-
-def coordinator_view(cluster: LocalCluster) -> dict[str, Any]:
-    """The active coordinator's queues and running set (`GET /v1/coordinator`)."""
-    url = cluster.coordinator_url()
-    assert url, "no coordinator holds the lease"
-    return httpx.get(
-        f"{url}/v1/coordinator", headers={SECRET_HEADER: cluster.secret}, timeout=10
-    ).json()
-
-
-def coordinator_metrics(cluster: LocalCluster) -> Samples:
-    url = cluster.coordinator_url()
-    assert url, "no coordinator holds the lease"
-    text = httpx.get(f"{url}/metrics", headers={SECRET_HEADER: cluster.secret}, timeout=10).text
-    return scrape(text)
-
-
-def metric(samples: Samples, name: str, **labels: str) -> float:
-    """One sample's value (0 when absent: counters of a queue nobody used yet)."""
-    return samples.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
-
-
-def running_records(cluster: LocalCluster, table_id: str) -> dict[str, tuple[Extent, dict]]:
-    """Running external compactions recorded in a table's tablets: ECID -> (extent, record)."""
-    try:
-        metas = cluster.meta.tablets(table_id)
-    except TableNotFoundError:
-        return {}
-    return {
-        key: (m.extent, rec)
-        for m in metas
-        for key, rec in m.compactions.items()
-        if isinstance(rec, dict) and rec.get("ecid") == key
-    }
-
-
 def internal_records(cluster: LocalCluster, table_id: str) -> int:
     """Internal (tablet server) compactions recorded in a table's tablets."""
     return sum(
@@ -136,14 +49,6 @@ def internal_records(cluster: LocalCluster, table_id: str) -> int:
         for key, rec in m.compactions.items()
         if not (isinstance(rec, dict) and rec.get("ecid") == key)
     )
-
-
-def compactors_idle(cluster: LocalCluster, names: Iterable[str]) -> bool:
-    return all(compactor_status(cluster, n)["ecid"] is None for n in names)
-
-
-def no_tmp_files(cluster: LocalCluster) -> bool:
-    return not list((cluster.directory / "data").rglob("*_tmp_*"))
 
 
 def file_kinds(client: lithify.Client, table: str) -> list[list[str]]:
@@ -163,54 +68,49 @@ def test_deleting_a_table_cancels_its_external_compactions_and_gc_leaves_nothing
     cluster.start(coordinators=1, compactors=2, external_only=True)
     c = cluster.client()
     c.create_table("keep")
-    c.write("keep", entries([f"k{i:03d}" for i in range(50)], "v"))
+    c.write("keep", faults.entries([f"k{i:03d}" for i in range(50)], "v"))
     c.flush("keep")
     c.create_table("doomed", splits=["h", "p"])
-    for i in range(2):
-        c.write("doomed", entries([f"{r}{i:03d}{j}" for r in "bjs" for j in range(20)], f"v{i}"))
-        c.flush("doomed")
+    faults.write_flushed(
+        c, "doomed", 2, lambda i: [f"{r}{i:03d}{j}" for r in "bjs" for j in range(20)]
+    )
     table_id = c.table_info("doomed").id
     # 2 s of iterator sleep per batch (a batch per input file here): long enough to be caught,
     # short enough that the compactor, which notices a cancel only between batches, stops
     # well within the limit.
     c.compact("doomed", wait=False, iterators=[(SLOW_ITERATOR, {"sleep_s": "2"})])
-    cluster.wait_for(
-        lambda: (
-            len(running_records(cluster, table_id)) == 2
-            and coordinator_view(cluster)["queues"].get("DCQ1", 0) == 1
-        ),
-        60,
-        "two external compactions running and one queued",
-        interval_s=0.05,
-    )
+    faults.wait_running(cluster, table_id, 2, queued=1)
     compactors = cluster.names("compactor")
 
     t0 = time.monotonic()
     c.delete_table("doomed")
 
     def all_cancelled() -> bool:
-        st = [compactor_status(cluster, n) for n in compactors]
-        view = coordinator_view(cluster)
+        st = [faults.compactor_status(cluster, n) for n in compactors]
+        view = faults.coordinator_view(cluster)
         return (
             all(s["ecid"] is None for s in st)
             and sum(s["cancelled"] for s in st) == 2
             and not [r for r in view["running"] if r["extent"]["table_id"] == table_id]
             and view["queues"].get("DCQ1", 0) == 0
-            and no_tmp_files(cluster)
+            and faults.no_tmp_files(cluster)
         )
 
     cluster.wait_for(all_cancelled, 60, "the compactions to be cancelled and cleaned up")
     latency = time.monotonic() - t0
     print(f"table delete -> every external compaction cancelled and cleaned: {latency:.2f}s")
     assert latency <= CANCEL_LIMIT_S, f"cancellation took {latency:.1f}s > {CANCEL_LIMIT_S}s"
-    assert sum(compactor_status(cluster, n)["completed"] for n in compactors) == 0
+    assert sum(faults.compactor_status(cluster, n)["completed"] for n in compactors) == 0
     assert (
-        metric(coordinator_metrics(cluster), "lithify_coordinator_compactions_cancelled_total") == 2
+        faults.metric(
+            faults.coordinator_metrics(cluster), "lithify_coordinator_compactions_cancelled_total"
+        )
+        == 2
     )
 
     # Garbage collection. The tablet server runs no collector of its own; the test process
     # runs it (nothing of the deleted table can be in use by a scan or flush any more).
-    storage = storage_of(cluster)
+    storage = faults.storage_of(cluster)
     assert storage.list_files(f"tables/{table_id}"), "the table's files exist before the GC"
     deleted = collect_garbage(storage, cluster.meta, FilesInUse())
     assert deleted and all(p.startswith(f"tables/{table_id}/") for p in deleted), deleted
@@ -221,11 +121,13 @@ def test_deleting_a_table_cancels_its_external_compactions_and_gc_leaves_nothing
     assert not [fs for fs in cluster.meta.final_states() if fs.table_id == table_id]
     assert not [p for p in cluster.meta.referenced_files() if p.startswith(f"tables/{table_id}/")]
     assert not [
-        r for r in coordinator_view(cluster)["running"] if r["extent"]["table_id"] == table_id
+        r
+        for r in faults.coordinator_view(cluster)["running"]
+        if r["extent"]["table_id"] == table_id
     ]
 
     # The other table lost nothing; the whole instance passes the consistency check.
-    assert scanned_rows(c, "keep") == [f"k{i:03d}".encode() for i in range(50)]
+    assert faults.scanned_rows(c, "keep") == [f"k{i:03d}".encode() for i in range(50)]
     assert check_files(cluster.meta, storage, settled=True) == 1
     assert "Cancelled compaction" in cluster.log(compactors[0])
 
@@ -251,34 +153,14 @@ def test_split_and_merge_cancel_running_external_compactions(cluster: LocalClust
     """Split one tablet and merge another with its neighbour while both are being compacted by
     compactors: the compactions are cancelled and cleaned up, then the new tablets compact
     again, and every entry is still there, in the right tablet."""
-    cluster.start(coordinators=1, compactors=2, external_only=True)
-    c = cluster.client()
     # System compactions of this table sleep 1 s per batch (a table compaction iterator; a few
     # seconds per compaction), so they can be caught running; four equal flushes per tablet make
     # the ratio planner compact each tablet.
-    c.create_table(
-        "sm",
-        splits=["h", "p"],
-        properties={
-            "table.iterator.majc.slow": f"10,{SLOW_ITERATOR}",
-            "table.iterator.majc.slow.opt.sleep_s": "1",
-        },
+    c, table_id, expected = faults.start_slow_rows(
+        cluster, "sm", compactors=2, splits=["h", "p"], rows="bdjlrt", per_row=15
     )
-    table_id = c.table_info("sm").id
-    expected: list[bytes] = []
-    for i in range(4):
-        keys = [f"{r}{j:02d}{i}" for r in "bdjlrt" for j in range(15)]
-        c.write("sm", entries(keys, f"v{i}"))
-        expected += [k.encode() for k in keys]
-        c.flush("sm")
-    expected.sort()
-    cluster.wait_for(
-        lambda: len(running_records(cluster, table_id)) == 2,
-        60,
-        "two external compactions running",
-        interval_s=0.05,
-    )
-    records = running_records(cluster, table_id)
+    faults.wait_running(cluster, table_id, 2)
+    records = faults.running_records(cluster.meta, table_id)
     extents = [m.extent for m in cluster.meta.tablets(table_id)]
     split, merge, partner = _three_way(table_id, {e for e, _ in records.values()}, extents)
     compactors = cluster.names("compactor")
@@ -292,7 +174,7 @@ def test_split_and_merge_cancel_running_external_compactions(cluster: LocalClust
     c.merge_tablets("sm", (lo.prev_end_row or b"").decode() + "0", hi.end_row)
 
     def cancelled() -> bool:
-        return sum(compactor_status(cluster, n)["cancelled"] for n in compactors) >= 2
+        return sum(faults.compactor_status(cluster, n)["cancelled"] for n in compactors) >= 2
 
     cluster.wait_for(cancelled, 45, "both running compactions to be cancelled")
     latency = time.monotonic() - t0
@@ -308,13 +190,13 @@ def test_split_and_merge_cancel_running_external_compactions(cluster: LocalClust
     def settled() -> bool:
         return (
             all(len(t.files) == 1 for t in c.tablets("sm"))
-            and not running_records(cluster, table_id)
-            and compactors_idle(cluster, compactors)
-            and no_tmp_files(cluster)
+            and not faults.running_records(cluster.meta, table_id)
+            and faults.compactors_idle(cluster, compactors)
+            and faults.no_tmp_files(cluster)
         )
 
     cluster.wait_for(settled, 120, "the split and merged tablets to compact")
-    assert scanned_rows(c, "sm") == expected
+    assert faults.scanned_rows(c, "sm") == expected
     assert c.count("sm") == len(expected)
     # Counts per tablet: each tablet's one file holds exactly the rows of its extent.
     for t in c.tablets("sm"):
@@ -322,7 +204,7 @@ def test_split_and_merge_cancel_running_external_compactions(cluster: LocalClust
         assert t.files[0].entries == len(inside), (t.extent, t.files[0].entries, len(inside))
         assert [k.row for k, _ in c.scan_entries("sm", inside[0], inside[-1])] == inside
     assert file_kinds(c, "sm") == [["A"]] * 3
-    assert check_files(cluster.meta, storage_of(cluster), settled=True) == 3
+    assert check_files(cluster.meta, faults.storage_of(cluster), settled=True) == 3
     # Both compactions caught running ended CANCELLED at the coordinator, none committed.
     lines = cluster.log("coordinator-1").splitlines()
     for ecid in records:
@@ -363,8 +245,8 @@ def test_cancelling_a_user_compaction_with_internal_and_external_jobs(
     for i in range(2):
         small = [f"{r}{j}{i}" for r in "ah" for j in range(5)]
         big = [f"{r}{j:03d}{i}" for r in "pw" for j in range(300)]
-        c.write("u", entries(small, f"s{i}"))
-        c.write("u", entries(big, f"b{i}", pad=600))
+        c.write("u", faults.entries(small, f"s{i}"))
+        c.write("u", faults.entries(big, f"b{i}", pad=600))
         expected += [k.encode() for k in small + big]
         c.flush("u")
     expected.sort()
@@ -387,8 +269,8 @@ def test_cancelling_a_user_compaction_with_internal_and_external_jobs(
     waiter.start()
 
     def busy() -> bool:
-        view = coordinator_view(cluster)
-        ts = scrape(
+        view = faults.coordinator_view(cluster)
+        ts = faults.scrape(
             httpx.get(
                 f"{cluster.url('tserver')}/metrics",
                 headers={SECRET_HEADER: cluster.secret},
@@ -397,7 +279,7 @@ def test_cancelling_a_user_compaction_with_internal_and_external_jobs(
         )
         small = (("executor", "i.default.small"),)
         return (
-            len(running_records(cluster, table_id)) == 1
+            len(faults.running_records(cluster.meta, table_id)) == 1
             and view["queues"].get("DCQ1", 0) == 1
             and internal_records(cluster, table_id) == 1
             and ts.get("lithify_compactions_queued", {}).get(small, 0) == 1
@@ -407,7 +289,7 @@ def test_cancelling_a_user_compaction_with_internal_and_external_jobs(
     cluster.wait_for(
         busy, 60, "one job running and one queued on each kind of executor", interval_s=0.05
     )
-    external = [r for r in coordinator_view(cluster)["running"] if r["kind"] == "USER"]
+    external = [r for r in faults.coordinator_view(cluster)["running"] if r["kind"] == "USER"]
     assert len(external) == 1, external
 
     t0 = time.monotonic()
@@ -419,23 +301,23 @@ def test_cancelling_a_user_compaction_with_internal_and_external_jobs(
 
     def stopped() -> bool:
         return (
-            not running_records(cluster, table_id)
+            not faults.running_records(cluster.meta, table_id)
             and internal_records(cluster, table_id) == 0
             and all(m.selection is None for m in cluster.meta.tablets(table_id))
-            and coordinator_view(cluster)["queues"].get("DCQ1", 0) == 0
-            and compactor_status(cluster, "compactor-1")["ecid"] is None
-            and no_tmp_files(cluster)
+            and faults.coordinator_view(cluster)["queues"].get("DCQ1", 0) == 0
+            and faults.compactor_status(cluster, "compactor-1")["ecid"] is None
+            and faults.no_tmp_files(cluster)
         )
 
     cluster.wait_for(stopped, 30, "every job of the user compaction to stop")
     latency = time.monotonic() - t0
     print(f"user compaction cancel -> every job stopped: {latency:.2f}s")
-    st = compactor_status(cluster, "compactor-1")
+    st = faults.compactor_status(cluster, "compactor-1")
     assert (st["cancelled"], st["completed"]) == (1, 0), st
     # Nothing was committed: every tablet has exactly the files it had.
     assert [{f.path for f in t.files} for t in c.tablets("u")] == before
-    assert scanned_rows(c, "u") == expected
-    assert check_files(cluster.meta, storage_of(cluster), settled=True) == 8
+    assert faults.scanned_rows(c, "u") == expected
+    assert check_files(cluster.meta, faults.storage_of(cluster), settled=True) == 8
 
 
 def test_coordinator_tells_a_cancelled_request_from_a_finished_one(env: Env) -> None:  # noqa: F811

@@ -1,10 +1,7 @@
 """Fault tests 1-2 of issue 4: a compactor dies (SIGKILL) in the middle of an external compaction.
 
-Real processes (`tests/cluster_util.py`), continuous-ingest data through a client, a slow
-compaction iterator so the kill lands while the compaction works. Each test ends with
-`settle_and_check` (tests/faults_common.py): every acknowledged entry is there, verify has
-UNDEFINED = 0 and CORRUPT = 0, no file is in two running records, and once the compactions
-settled no temporary file is left, before and after garbage collection.
+Real processes (`tests/cluster_util.py`) set up by `start_slow_ingest`, so the kill lands while
+the compaction works. Each test ends with `settle_and_check` (tests/faults_common.py).
 """
 
 from __future__ import annotations
@@ -14,24 +11,9 @@ import time
 import pytest
 
 from lithify.files.reader import SortedFileReader
+from tests import faults_common as faults
 from tests.cluster_util import LocalCluster
 from tests.consistency import check_files
-from tests.faults_common import (
-    COMMIT_WAIT_S,
-    TABLE,
-    AckedIngest,
-    committed,
-    compactor_names,
-    compactor_status,
-    inputs_of,
-    report_failed,
-    running_records,
-    settle_and_check,
-    slow_majc,
-    storage_of,
-    tablet_files,
-    wait_records,
-)
 
 pytestmark = pytest.mark.slow
 
@@ -46,21 +28,15 @@ def test_killed_compactor_job_runs_again_elsewhere(cluster: LocalCluster) -> Non
     detector notices the silence, confirms with the compactor (unreachable), deletes the
     temporary file and releases the files; the tablet is planned again and the job runs on
     the other compactor, within seconds of the kill, and then commits."""
-    cluster.start(coordinators=1, compactors=2, external_only=True)
-    c = cluster.client()
-    c.create_table(TABLE, properties=slow_majc(2))
-    table_id = c.table_info(TABLE).id
-    ingest = AckedIngest(c)
-    ingest.cycles(4)  # four flushed files: the ratio planner compacts them (one job)
-    storage = storage_of(cluster)
+    # Four flushed files: the ratio planner compacts them (one job).
+    c, table_id, ingest = faults.start_slow_ingest(cluster, sleep_s=2, compactors=2)
+    storage = faults.storage_of(cluster)
 
-    [(ecid, (_, rec))] = wait_records(cluster, table_id, 1).items()
-    names = compactor_names(cluster)
-    victim = names.pop(rec["compactor"])
-    [(other_id, other)] = names.items()
+    [(ecid, (_, rec))] = faults.wait_records(cluster, table_id, 1).items()
+    victim, other_id, other = faults.runner_and_spare(cluster, rec["compactor"])
 
     def midway() -> bool:
-        st = compactor_status(cluster, victim)
+        st = faults.compactor_status(cluster, victim)
         done = f"created {rec['tmp_path'].rsplit('/', 1)[-1]}" in cluster.log(victim)
         return st["ecid"] == ecid and st["entries_read"] > 0 and not done
 
@@ -70,8 +46,8 @@ def test_killed_compactor_job_runs_again_elsewhere(cluster: LocalCluster) -> Non
     cluster.kill(victim)
 
     def rerun() -> tuple[str, dict] | None:
-        for e, (_, r) in running_records(cluster.meta, table_id).items():
-            if r["compactor"] == other_id and inputs_of(rec) <= inputs_of(r):
+        for e, (_, r) in faults.running_records(cluster.meta, table_id).items():
+            if r["compactor"] == other_id and faults.inputs_of(rec) <= faults.inputs_of(r):
                 return e, r
         return None
 
@@ -82,19 +58,19 @@ def test_killed_compactor_job_runs_again_elsewhere(cluster: LocalCluster) -> Non
     assert new_ecid != ecid
     # Failing the dead compaction deleted its temporary file before releasing its files.
     assert not storage.exists(rec["tmp_path"])
-    assert ecid not in running_records(cluster.meta, table_id)
+    assert ecid not in faults.running_records(cluster.meta, table_id)
     check_files(cluster.meta, storage)
     assert "stopped reporting compaction " + ecid in cluster.log("coordinator-1")
 
     cluster.wait_for(
-        lambda: committed(cluster.meta, table_id, new_ecid, new_rec),
-        COMMIT_WAIT_S,
+        lambda: faults.committed(cluster.meta, table_id, new_ecid, new_rec),
+        faults.COMMIT_WAIT_S,
         "the job to commit on the other compactor",
     )
-    files = set().union(*tablet_files(cluster.meta, table_id).values())
+    files = set().union(*faults.tablet_files(cluster.meta, table_id).values())
     assert rec["output_path"] not in files and not storage.exists(rec["output_path"])
-    assert compactor_status(cluster, other)["completed"] >= 1
-    settle_and_check(cluster, c, ingest)
+    assert faults.compactor_status(cluster, other)["completed"] >= 1
+    faults.settle_and_check(cluster, c, ingest)
 
 
 def test_compactor_killed_after_writing_before_reporting(cluster: LocalCluster) -> None:
@@ -110,34 +86,27 @@ def test_compactor_killed_after_writing_before_reporting(cluster: LocalCluster) 
     in product code is needed. The restarted coordinator adopts the record, finds the compactor
     gone, deletes its temporary file and releases the files; the other compactor redoes the job.
     """
-    cluster.start(coordinators=1, compactors=2, external_only=True)
-    c = cluster.client()
-    c.create_table(TABLE, properties=slow_majc(1.5))
-    table_id = c.table_info(TABLE).id
-    ingest = AckedIngest(c)
-    ingest.cycles(4)
-    storage = storage_of(cluster)
+    c, table_id, ingest = faults.start_slow_ingest(cluster, sleep_s=1.5, compactors=2)
+    storage = faults.storage_of(cluster)
 
-    [(ecid, (_, rec))] = wait_records(cluster, table_id, 1).items()
-    names = compactor_names(cluster)
-    victim = names.pop(rec["compactor"])
-    [(other_id, other)] = names.items()
+    [(ecid, (_, rec))] = faults.wait_records(cluster, table_id, 1).items()
+    victim, other_id, other = faults.runner_and_spare(cluster, rec["compactor"])
     cluster.kill("coordinator-1")
     cluster.wait_for(
-        lambda: report_failed(cluster, victim, ecid), 60, "the compactor to finish and retry"
+        lambda: faults.report_failed(cluster, victim, ecid), 60, "the compactor to finish and retry"
     )
     with SortedFileReader.open(storage, rec["tmp_path"]) as reader:
         written = reader.entries
         assert sum(b.num_rows for b in reader.batches()) == written > 0
     assert not cluster.meta.final_states()
     cluster.kill(victim)
-    assert compactor_status(cluster, other)["ecid"] is None  # nobody handed it the job
+    assert faults.compactor_status(cluster, other)["ecid"] is None  # nobody handed it the job
 
     cluster.restart("coordinator-1")
 
     def redone() -> tuple[str, dict] | None:
-        for e, (_, r) in running_records(cluster.meta, table_id).items():
-            if e != ecid and inputs_of(rec) <= inputs_of(r):
+        for e, (_, r) in faults.running_records(cluster.meta, table_id).items():
+            if e != ecid and faults.inputs_of(rec) <= faults.inputs_of(r):
                 return e, r
         return None
 
@@ -145,14 +114,14 @@ def test_compactor_killed_after_writing_before_reporting(cluster: LocalCluster) 
     assert new_rec["compactor"] == other_id
     assert not storage.exists(rec["tmp_path"]), "the dead compactor's output was kept"
     cluster.wait_for(
-        lambda: committed(cluster.meta, table_id, new_ecid, new_rec),
-        COMMIT_WAIT_S,
+        lambda: faults.committed(cluster.meta, table_id, new_ecid, new_rec),
+        faults.COMMIT_WAIT_S,
         "the redone job to commit",
     )
     # Exactly once: the redone output replaced the inputs, the first result never committed.
-    files = set().union(*tablet_files(cluster.meta, table_id).values())
+    files = set().union(*faults.tablet_files(cluster.meta, table_id).values())
     assert new_rec["output_path"] in files
     assert rec["output_path"] not in files and not storage.exists(rec["output_path"])
     with SortedFileReader.open(storage, new_rec["output_path"]) as reader:
         assert reader.entries == written
-    settle_and_check(cluster, c, ingest)
+    faults.settle_and_check(cluster, c, ingest)

@@ -22,20 +22,9 @@ import httpx
 
 from lithify.rpc.auth import SECRET_HEADER
 from lithify.rpc.wire import extent_to_json
+from tests import faults_common as faults
 from tests.cluster_util import ALL_EXTERNAL, SLOW_ITERATOR, LocalCluster
 from tests.consistency import check_files
-from tests.test_faults_cancel import (
-    compactor_status,
-    compactors_idle,
-    coordinator_metrics,
-    coordinator_view,
-    entries,
-    metric,
-    no_tmp_files,
-    running_records,
-    scanned_rows,
-    storage_of,
-)
 
 EXECUTORS = "tserver.compaction.major.service.default.planner.opts.executors"
 
@@ -79,47 +68,24 @@ def test_moving_a_service_to_another_queue_loses_nothing_and_does_nothing_twice(
     every queue), the running one finishes on DCQ1, two compactors started on DCQ2 afterwards
     do the rest, and each of the 32 flushed files is the input of exactly one committed
     compaction."""
-    cluster.start(coordinators=1, compactors=1, external_only=True)
-    c = cluster.client()
-    c.create_table(
-        "cfg",
-        splits=list("bcdefgh"),
-        properties={
-            # 1 s per input batch, about 4 s per compaction: the first one is still running
-            # when the configuration changes.
-            "table.iterator.majc.slow": f"10,{SLOW_ITERATOR}",
-            "table.iterator.majc.slow.opt.sleep_s": "1",
-        },
+    # 1 s per input batch, about 4 s per compaction: the first one is still running when the
+    # configuration changes. Four equal flushes per tablet: the ratio planner compacts all four.
+    c, table_id, expected = faults.start_slow_rows(
+        cluster, "cfg", compactors=1, splits=list("bcdefgh"), rows="abcdefgh", per_row=10
     )
-    table_id = c.table_info("cfg").id
-    expected: list[bytes] = []
-    for i in range(4):  # four equal flushes per tablet: the ratio planner compacts all four
-        keys = [f"{r}{j:02d}{i}" for r in "abcdefgh" for j in range(10)]
-        c.write("cfg", entries(keys, f"v{i}"))
-        expected += [k.encode() for k in keys]
-        c.flush("cfg")
-    expected.sort()
 
-    cluster.wait_for(
-        lambda: (
-            len(running_records(cluster, table_id)) == 1
-            and coordinator_view(cluster)["queues"].get("DCQ1", 0) == 7
-        ),
-        60,
-        "one compaction running on DCQ1 and seven queued",
-        interval_s=0.05,
-    )
+    faults.wait_running(cluster, table_id, 1, queued=7)
     flushed = {
         str(t.extent): sorted(f.path.rsplit("/", 1)[-1] for f in t.files) for t in c.tablets("cfg")
     }
     assert all(len(v) == 4 and all(n[0] == "F" for n in v) for v in flushed.values()), flushed
-    (first,) = running_records(cluster, table_id)
+    (first,) = faults.running_records(cluster.meta, table_id)
 
     c.set_system_property(EXECUTORS, ALL_EXTERNAL % "DCQ2")
     cluster.wait_for(
         lambda: (
-            coordinator_view(cluster)["queues"].get("DCQ1", 0) == 0
-            and coordinator_view(cluster)["queues"].get("DCQ2", 0) >= 6
+            faults.coordinator_view(cluster)["queues"].get("DCQ1", 0) == 0
+            and faults.coordinator_view(cluster)["queues"].get("DCQ2", 0) >= 6
         ),
         30,
         "the queued jobs to move from DCQ1 to DCQ2",
@@ -131,8 +97,8 @@ def test_moving_a_service_to_another_queue_loses_nothing_and_does_nothing_twice(
     def done() -> bool:
         return (
             all(len(t.files) == 1 for t in c.tablets("cfg"))
-            and not running_records(cluster, table_id)
-            and compactors_idle(cluster, names)
+            and not faults.running_records(cluster.meta, table_id)
+            and faults.compactors_idle(cluster, names)
         )
 
     cluster.wait_for(done, 120, "every tablet to be compacted")
@@ -162,19 +128,19 @@ def test_moving_a_service_to_another_queue_loses_nothing_and_does_nothing_twice(
 
     # Nothing was done twice or thrown away: the compactors ran 8 jobs between them, none
     # failed or was cancelled, and the coordinator's counters agree.
-    st = [compactor_status(cluster, n) for n in names]
+    st = [faults.compactor_status(cluster, n) for n in names]
     assert sum(s["completed"] for s in st) == 8, st
     assert sum(s["cancelled"] + s["failed"] for s in st) == 0, st
     assert st[0]["completed"] >= 1  # the job running on DCQ1 during the change finished there
-    m = coordinator_metrics(cluster)
-    assert metric(m, "lithify_coordinator_compactions_completed_total") == 8
-    assert metric(m, "lithify_coordinator_compactions_failed_total") == 0
-    assert metric(m, "lithify_coordinator_compactions_cancelled_total") == 0
-    assert metric(m, "lithify_coordinator_queued", queue="DCQ1") == 0
-    assert metric(m, "lithify_coordinator_queued", queue="DCQ2") == 0
+    m = faults.coordinator_metrics(cluster)
+    assert faults.metric(m, "lithify_coordinator_compactions_completed_total") == 8
+    assert faults.metric(m, "lithify_coordinator_compactions_failed_total") == 0
+    assert faults.metric(m, "lithify_coordinator_compactions_cancelled_total") == 0
+    assert faults.metric(m, "lithify_coordinator_queued", queue="DCQ1") == 0
+    assert faults.metric(m, "lithify_coordinator_queued", queue="DCQ2") == 0
 
-    assert scanned_rows(c, "cfg") == expected
-    assert check_files(cluster.meta, storage_of(cluster), settled=True) == 8
+    assert faults.scanned_rows(c, "cfg") == expected
+    assert check_files(cluster.meta, faults.storage_of(cluster), settled=True) == 8
 
 
 # ---------------------------------------------------------------------- 13. refused calls
@@ -183,17 +149,17 @@ def test_moving_a_service_to_another_queue_loses_nothing_and_does_nothing_twice(
 def _coordinator_state(cluster: LocalCluster, table_id: str) -> dict[str, Any]:
     """What a refused call must not change: queues, running set, counters, the records and
     the tablets' files."""
-    view = coordinator_view(cluster)
-    m = coordinator_metrics(cluster)
+    view = faults.coordinator_view(cluster)
+    m = faults.coordinator_metrics(cluster)
     return {
         "queues": view["queues"],
         "running": sorted((r["ecid"], r["compactor"], r["state"]) for r in view["running"]),
         "counters": [
-            metric(m, f"lithify_coordinator_compactions_{k}_total")
+            faults.metric(m, f"lithify_coordinator_compactions_{k}_total")
             for k in ("completed", "failed", "cancelled", "stale_dropped")
         ],
         "requests": sorted(m.get("lithify_coordinator_requests", {}).items()),
-        "records": sorted(running_records(cluster, table_id)),
+        "records": sorted(faults.running_records(cluster.meta, table_id)),
         "files": [sorted(f.path for f in t.files) for t in cluster.meta.tablets(table_id)],
         "selections": [t.selection for t in cluster.meta.tablets(table_id)],
     }
@@ -209,23 +175,13 @@ def test_coordinator_and_compactor_refuse_calls_without_secret_or_malformed(
     cluster.start(coordinators=1, compactors=1, external_only=True)
     c = cluster.client()
     c.create_table("t", splits=["m"])
-    for i in range(2):
-        c.write("t", entries([f"{r}{i}" for r in "ax"], f"v{i}"))
-        c.flush("t")
+    faults.write_flushed(c, "t", 2, lambda i: [f"{r}{i}" for r in "ax"])
     table_id = c.table_info("t").id
     # 6 s per input batch (12 s per tablet): the one compactor is busy while the calls are
     # made, and the second tablet's job waits in DCQ1.
     c.compact("t", wait=False, iterators=[(SLOW_ITERATOR, {"sleep_s": "6"})])
-    cluster.wait_for(
-        lambda: (
-            len(running_records(cluster, table_id)) == 1
-            and coordinator_view(cluster)["queues"].get("DCQ1", 0) == 1
-        ),
-        60,
-        "one compaction running and one queued",
-        interval_s=0.05,
-    )
-    (ecid,) = running_records(cluster, table_id)
+    faults.wait_running(cluster, table_id, 1, queued=1)
+    (ecid,) = faults.running_records(cluster.meta, table_id)
     waiting = next(
         m.extent for m in cluster.meta.tablets(table_id) if not m.compactions and m.selection
     )
@@ -233,7 +189,7 @@ def test_coordinator_and_compactor_refuse_calls_without_secret_or_malformed(
     assert coord
     comp = cluster.url("compactor-1")
     before = _coordinator_state(cluster, table_id)
-    before_compactor = compactor_status(cluster, "compactor-1")
+    before_compactor = faults.compactor_status(cluster, "compactor-1")
     assert before_compactor["ecid"] == ecid
 
     ext = extent_to_json(waiting)
@@ -407,7 +363,7 @@ def test_coordinator_and_compactor_refuse_calls_without_secret_or_malformed(
     # Nothing changed: the same job runs on the same compactor, the other still waits.
     after = _coordinator_state(cluster, table_id)
     assert after == before
-    st = compactor_status(cluster, "compactor-1")
+    st = faults.compactor_status(cluster, "compactor-1")
     assert (st["ecid"], st["completed"], st["failed"], st["cancelled"]) == (ecid, 0, 0, 0), st
     print(f"{refused} calls refused with 401, {len(answers)} malformed calls refused with 4xx")
 
@@ -416,13 +372,13 @@ def test_coordinator_and_compactor_refuse_calls_without_secret_or_malformed(
     cluster.wait_for(
         lambda: (
             all(m.selection is None for m in cluster.meta.tablets(table_id))
-            and compactors_idle(cluster, ["compactor-1"])
-            and no_tmp_files(cluster)
+            and faults.compactors_idle(cluster, ["compactor-1"])
+            and faults.no_tmp_files(cluster)
         ),
         120,
         "the user compaction to finish",
     )
     print(f"user compaction finished {time.monotonic() - t0:.1f}s after the refused calls")
-    assert compactor_status(cluster, "compactor-1")["completed"] == 2
-    assert scanned_rows(c, "t") == [b"a0", b"a1", b"x0", b"x1"]
-    assert check_files(cluster.meta, storage_of(cluster), settled=True) == 2
+    assert faults.compactor_status(cluster, "compactor-1")["completed"] == 2
+    assert faults.scanned_rows(c, "t") == [b"a0", b"a1", b"x0", b"x1"]
+    assert check_files(cluster.meta, faults.storage_of(cluster), settled=True) == 2

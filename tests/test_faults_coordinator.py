@@ -1,10 +1,7 @@
 """Fault tests 3-5 of issue 4: the compaction coordinator dies (SIGKILL) around external work.
 
-Real processes (`tests/cluster_util.py`), continuous-ingest data through a client, a slow
-compaction iterator so the kill lands while compactions run. Each test ends with
-`settle_and_check` (tests/faults_common.py): every acknowledged entry is there, verify has
-UNDEFINED = 0 and CORRUPT = 0, no file is in two running records, and once the compactions
-settled no temporary file is left, before and after garbage collection.
+Real processes (`tests/cluster_util.py`) set up by `start_slow_ingest`, so the kill lands while
+compactions run. Each test ends with `settle_and_check` (tests/faults_common.py).
 """
 
 from __future__ import annotations
@@ -23,23 +20,9 @@ from lithify.files.reader import SortedFileReader
 from lithify.rpc.auth import SECRET_HEADER
 from lithify.tablet import reservation
 from lithify.tablet.compactions import selection_after_commit
+from tests import faults_common as faults
 from tests.cluster_util import SLOW_ITERATOR, LocalCluster
 from tests.consistency import check_files
-from tests.faults_common import (
-    COMMIT_WAIT_S,
-    TABLE,
-    AckedIngest,
-    committed,
-    compactor_names,
-    compactor_status,
-    report_failed,
-    running_records,
-    settle_and_check,
-    slow_majc,
-    storage_of,
-    tablet_files,
-    wait_records,
-)
 
 pytestmark = pytest.mark.slow
 
@@ -61,15 +44,13 @@ def test_standby_coordinator_takes_over_running_compactions(backend_cluster: Loc
     which find it through the lease, report to it: both compactions finish and commit, neither
     is failed or redone."""
     cluster = backend_cluster
-    cluster.start(coordinators=2, compactors=2, external_only=True)
-    c = cluster.client()
-    c.create_table(TABLE, splits=["8"], properties=slow_majc(2))
-    table_id = c.table_info(TABLE).id
-    ingest = AckedIngest(c)
-    ingest.cycles(4)  # each of the two tablets gets four files: two jobs, one per compactor
+    # Each of the two tablets gets four files: two jobs, one per compactor.
+    c, table_id, ingest = faults.start_slow_ingest(
+        cluster, sleep_s=2, coordinators=2, compactors=2, splits=["8"]
+    )
 
-    recs = wait_records(cluster, table_id, 2)
-    assert {r["compactor"] for _, r in recs.values()} == set(compactor_names(cluster))
+    recs = faults.wait_records(cluster, table_id, 2)
+    assert {r["compactor"] for _, r in recs.values()} == set(faults.compactor_names(cluster))
     first = cluster.active_coordinator()
     assert first is not None
     [standby] = [n for n in cluster.names("coordinator") if n != first]
@@ -83,21 +64,21 @@ def test_standby_coordinator_takes_over_running_compactions(backend_cluster: Loc
         30,
         "the standby coordinator to take over",
     )
-    check_files(cluster.meta, storage_of(cluster))
+    check_files(cluster.meta, faults.storage_of(cluster))
     for ecid, (_, rec) in recs.items():
         cluster.wait_for(
-            lambda ecid=ecid, rec=rec: committed(cluster.meta, table_id, ecid, rec),
-            COMMIT_WAIT_S,
+            lambda ecid=ecid, rec=rec: faults.committed(cluster.meta, table_id, ecid, rec),
+            faults.COMMIT_WAIT_S,
             f"compaction {ecid} to commit through the new coordinator",
         )
     log = cluster.log(standby)
     assert "2 running adopted" in log, log
     for ecid in recs:
         assert f"(ecid {ecid})" in log and "stopped reporting compaction " + ecid not in log
-    for name in compactor_names(cluster).values():
-        st = compactor_status(cluster, name)
+    for name in faults.compactor_names(cluster).values():
+        st = faults.compactor_status(cluster, name)
         assert st["completed"] >= 1 and st["failed"] == 0 and st["cancelled"] == 0, st
-    settle_and_check(cluster, c, ingest)
+    faults.settle_and_check(cluster, c, ingest)
 
 
 def _requests_known(cluster: LocalCluster, name: str) -> int:
@@ -118,25 +99,23 @@ def test_waiting_client_follows_its_user_compaction_across_failover(cluster: Loc
     must follow the compaction still in progress, not fail because its own selection is
     pending, nor start it over: the client's `compact` returns, each tablet ends with the one
     file its first pass wrote."""
-    cluster.start(coordinators=2, compactors=2, external_only=True)
-    c = cluster.client()
-    c.create_table(TABLE, splits=["8"])
-    table_id = c.table_info(TABLE).id
-    ingest = AckedIngest(c)
-    ingest.cycles(2)  # two files per tablet: below the ratio, no system compaction
+    # Two files per tablet: below the ratio, no system compaction.
+    c, table_id, ingest = faults.start_slow_ingest(
+        cluster, sleep_s=None, coordinators=2, compactors=2, splits=["8"], cycles=2
+    )
     outcome: dict[str, object] = {}
 
     def compact(client: lithify.Client) -> None:
         try:
             outcome["summary"] = client.compact(
-                TABLE, iterators=[(SLOW_ITERATOR, {"sleep_s": "15"})], timeout=150
+                faults.TABLE, iterators=[(SLOW_ITERATOR, {"sleep_s": "15"})], timeout=150
             )
         except BaseException as e:  # noqa: BLE001 - inspected below
             outcome["error"] = e
 
     waiter = threading.Thread(target=compact, args=(cluster.client(),), daemon=True)
     waiter.start()
-    recs = wait_records(cluster, table_id, 2)
+    recs = faults.wait_records(cluster, table_id, 2)
     assert {r["kind"] for _, r in recs.values()} == {"USER"}
     first = cluster.active_coordinator()
     assert first is not None
@@ -148,16 +127,16 @@ def test_waiting_client_follows_its_user_compaction_across_failover(cluster: Loc
         "the client to resubmit its request to the new coordinator",
     )
     # The resubmission came while the passes still run: what this test is about.
-    assert set(recs) <= set(running_records(cluster.meta, table_id))
+    assert set(recs) <= set(faults.running_records(cluster.meta, table_id))
 
     waiter.join(150)
     assert not waiter.is_alive()
     assert "error" not in outcome, outcome
     for ecid, (extent, rec) in recs.items():
-        assert committed(cluster.meta, table_id, ecid, rec)
-        assert tablet_files(cluster.meta, table_id)[extent] == {rec["output_path"]}
+        assert faults.committed(cluster.meta, table_id, ecid, rec)
+        assert faults.tablet_files(cluster.meta, table_id)[extent] == {rec["output_path"]}
     assert all(m.selection is None for m in cluster.meta.tablets(table_id))
-    settle_and_check(cluster, c, ingest)
+    faults.settle_and_check(cluster, c, ingest)
 
 
 @pytest.mark.parametrize("stage", ["final_state", "renamed", "committed"])
@@ -175,21 +154,16 @@ def test_coordinator_dies_between_final_state_and_commit(cluster: LocalCluster, 
     with its epoch: `put_final_state` with the result, the rename, the conditional update of
     the tablet. Then the coordinator restarts.
     """
-    cluster.start(coordinators=1, compactors=1, external_only=True)
-    c = cluster.client()
-    c.create_table(TABLE, properties=slow_majc(1.5))
-    table_id = c.table_info(TABLE).id
-    ingest = AckedIngest(c)
-    ingest.cycles(4)
-    storage = storage_of(cluster)
+    c, table_id, ingest = faults.start_slow_ingest(cluster, sleep_s=1.5)
+    storage = faults.storage_of(cluster)
 
-    [(ecid, (extent, rec))] = wait_records(cluster, table_id, 1).items()
+    [(ecid, (extent, rec))] = faults.wait_records(cluster, table_id, 1).items()
     _, epoch = cluster.lease("coordinator")
     cluster.kill("coordinator-1")
     cluster.wait_for(
-        lambda: report_failed(cluster, "compactor-1", ecid), 60, "the compactor's result"
+        lambda: faults.report_failed(cluster, "compactor-1", ecid), 60, "the compactor's result"
     )
-    st = compactor_status(cluster, "compactor-1")
+    st = faults.compactor_status(cluster, "compactor-1")
     assert st["ecid"] == ecid
     tmp, output = rec["tmp_path"], rec["output_path"]
     with SortedFileReader.open(storage, tmp) as reader:
@@ -224,8 +198,10 @@ def test_coordinator_dies_between_final_state_and_commit(cluster: LocalCluster, 
 
     cluster.restart("coordinator-1")
     cluster.wait_for(
-        lambda: not cluster.meta.final_states() and committed(cluster.meta, table_id, ecid, rec),
-        COMMIT_WAIT_S,
+        lambda: (
+            not cluster.meta.final_states() and faults.committed(cluster.meta, table_id, ecid, rec)
+        ),
+        faults.COMMIT_WAIT_S,
         "the final state to be committed",
     )
     log = cluster.log("coordinator-1")
@@ -236,17 +212,19 @@ def test_coordinator_dies_between_final_state_and_commit(cluster: LocalCluster, 
         lambda: "acknowledged after" in cluster.log("compactor-1"), 30, "the repeated report"
     )
     # Exactly once: one output in place of the inputs, no second file, no record left.
-    files = tablet_files(cluster.meta, table_id)[extent]
+    files = faults.tablet_files(cluster.meta, table_id)[extent]
     assert output in files and not (files & inputs_before)
     assert not storage.exists(tmp) and storage.exists(output)
     with SortedFileReader.open(storage, output) as reader:
         assert reader.entries == written
     cluster.wait_for(
-        lambda: compactor_status(cluster, "compactor-1")["ecid"] is None, 30, "the compactor idle"
+        lambda: faults.compactor_status(cluster, "compactor-1")["ecid"] is None,
+        30,
+        "the compactor idle",
     )
-    assert compactor_status(cluster, "compactor-1")["completed"] == 1
+    assert faults.compactor_status(cluster, "compactor-1")["completed"] == 1
     check_files(cluster.meta, storage)
-    settle_and_check(cluster, c, ingest)
+    faults.settle_and_check(cluster, c, ingest)
 
 
 def test_result_waits_for_a_returning_coordinator(cluster: LocalCluster) -> None:
@@ -254,30 +232,25 @@ def test_result_waits_for_a_returning_coordinator(cluster: LocalCluster) -> None
     keeps retrying its report (and its heartbeats) until a coordinator is back; the restarted
     coordinator adopts the record, hears the report and commits that very result: nothing is
     failed or redone."""
-    cluster.start(coordinators=1, compactors=1, external_only=True)
-    c = cluster.client()
-    c.create_table(TABLE, properties=slow_majc(1.5))
-    table_id = c.table_info(TABLE).id
-    ingest = AckedIngest(c)
-    ingest.cycles(4)
-    storage = storage_of(cluster)
+    c, table_id, ingest = faults.start_slow_ingest(cluster, sleep_s=1.5)
+    storage = faults.storage_of(cluster)
 
-    [(ecid, (_, rec))] = wait_records(cluster, table_id, 1).items()
+    [(ecid, (_, rec))] = faults.wait_records(cluster, table_id, 1).items()
     cluster.kill("coordinator-1")
     # Several attempts: the compactor backs off and goes on retrying while nobody answers.
     cluster.wait_for(
-        lambda: report_failed(cluster, "compactor-1", ecid, attempts=3),
+        lambda: faults.report_failed(cluster, "compactor-1", ecid, attempts=3),
         60,
         "the compactor to retry its report",
     )
     assert storage.exists(rec["tmp_path"]) and not storage.exists(rec["output_path"])
     assert not cluster.meta.final_states()
-    assert ecid in running_records(cluster.meta, table_id)
+    assert ecid in faults.running_records(cluster.meta, table_id)
 
     cluster.restart("coordinator-1")
     cluster.wait_for(
-        lambda: committed(cluster.meta, table_id, ecid, rec),
-        COMMIT_WAIT_S,
+        lambda: faults.committed(cluster.meta, table_id, ecid, rec),
+        faults.COMMIT_WAIT_S,
         "the reported result to commit",
     )
     cluster.wait_for(
@@ -290,6 +263,6 @@ def test_result_waits_for_a_returning_coordinator(cluster: LocalCluster) -> None
     )
     log = cluster.log("coordinator-1")
     assert "1 running adopted" in log and "stopped reporting compaction" not in log, log
-    st = compactor_status(cluster, "compactor-1")
+    st = faults.compactor_status(cluster, "compactor-1")
     assert (st["completed"], st["failed"], st["cancelled"]) == (1, 0, 0), st
-    settle_and_check(cluster, c, ingest)
+    faults.settle_and_check(cluster, c, ingest)

@@ -23,14 +23,9 @@ import pytest
 
 from lithify.cli.ci import split_points
 from lithify.continuous.ingest import ContinuousIngest
+from tests import faults_common as faults
 from tests.cluster_util import LocalCluster
 from tests.consistency import check_files, check_verify
-from tests.test_faults_cancel import (
-    compactor_status,
-    coordinator_view,
-    running_records,
-    storage_of,
-)
 
 TABLE = "ci"
 ENTRIES = 2_000_000
@@ -71,7 +66,7 @@ def _kill_compactor(cluster: LocalCluster, name: str) -> bool:
     busy = False
     while time.monotonic() < deadline:
         try:
-            busy = compactor_status(cluster, name)["ecid"] is not None
+            busy = faults.compactor_status(cluster, name)["ecid"] is not None
         except Exception:  # noqa: BLE001 - a busy compactor may answer slowly; kill it anyway
             busy = False
         if busy:
@@ -162,14 +157,14 @@ def test_continuous_ingest_survives_killed_compactors_and_coordinator(
     table_id = c.table_info(TABLE).id
 
     def settled() -> bool:
-        view = coordinator_view(cluster)
+        view = faults.coordinator_view(cluster)
         return (
             view["active"]
             and not view["running"]
             and not any(view["queues"].values())
-            and not running_records(cluster, table_id)
+            and not faults.running_records(cluster.meta, table_id)
             and not cluster.meta.final_states()
-            and all(compactor_status(cluster, n)["ecid"] is None for n in compactors)
+            and all(faults.compactor_status(cluster, n)["ecid"] is None for n in compactors)
         )
 
     t_settle = time.monotonic()
@@ -181,7 +176,7 @@ def test_continuous_ingest_survives_killed_compactors_and_coordinator(
     verify_s = time.monotonic() - t_verify
     assert result.unreferenced > 0
     assert result.entries == ledger.distinct(), (result.entries, ledger.distinct())
-    checked = check_files(cluster.meta, storage_of(cluster), settled=True)
+    checked = check_files(cluster.meta, faults.storage_of(cluster), settled=True)
 
     log = "\n".join(cluster.log(n) for n in cluster.names("coordinator"))
     external = log.count("Compacted ")

@@ -3,10 +3,8 @@ while external compactions of its tablets run.
 
 SYSTEM.md 5.5: "The commit needs no hosting server; a tablet that is offline or moving commits
 all the same", and a server death or taking a table offline does not cancel external work.
-Real processes (`tests/cluster_util.py`), continuous-ingest data through a client, a slow
-compaction iterator. Each test ends with `settle_and_check` (tests/faults_common.py): every
-acknowledged entry is there, verify has UNDEFINED = 0 and CORRUPT = 0, no file is in two
-running records, and once the compactions settled no temporary file is left.
+Real processes (`tests/cluster_util.py`) set up by `start_slow_ingest`. Each test ends with
+`settle_and_check` (tests/faults_common.py).
 """
 
 from __future__ import annotations
@@ -14,22 +12,9 @@ from __future__ import annotations
 import pytest
 
 from lithify.errors import LithifyError
+from tests import faults_common as faults
 from tests.cluster_util import LocalCluster
 from tests.consistency import check_files
-from tests.faults_common import (
-    COMMIT_WAIT_S,
-    TABLE,
-    AckedIngest,
-    committed,
-    compactor_names,
-    compactor_status,
-    settle_and_check,
-    slow_majc,
-    storage_of,
-    tablet_files,
-    wait_records,
-    wait_tserver_back,
-)
 
 pytestmark = pytest.mark.slow
 
@@ -39,15 +24,15 @@ def test_tserver_killed_while_external_compactions_run(cluster: LocalCluster) ->
     and a client is writing. Both compactions commit while it is down; after it restarts
     (write-ahead log recovery) every write it acknowledged, with `table.durability=flush`, is
     there, and the compacted tablets serve the new files."""
-    cluster.start(coordinators=1, compactors=2, external_only=True)
-    c = cluster.client()
-    props = {"table.durability": "flush", **slow_majc(2)}
-    c.create_table(TABLE, splits=["8"], properties=props)
-    table_id = c.table_info(TABLE).id
-    ingest = AckedIngest(c)
-    ingest.cycles(4)
+    c, table_id, ingest = faults.start_slow_ingest(
+        cluster,
+        sleep_s=2,
+        compactors=2,
+        splits=["8"],
+        properties={"table.durability": "flush"},
+    )
 
-    recs = wait_records(cluster, table_id, 2)
+    recs = faults.wait_records(cluster, table_id, 2)
     # More writes, never flushed: after the kill they exist only in the write-ahead log.
     before = ingest.writes_done()
     ingest.start()
@@ -61,54 +46,50 @@ def test_tserver_killed_while_external_compactions_run(cluster: LocalCluster) ->
 
     for ecid, (_, rec) in recs.items():
         cluster.wait_for(
-            lambda ecid=ecid, rec=rec: committed(cluster.meta, table_id, ecid, rec),
-            COMMIT_WAIT_S,
+            lambda ecid=ecid, rec=rec: faults.committed(cluster.meta, table_id, ecid, rec),
+            faults.COMMIT_WAIT_S,
             f"compaction {ecid} to commit without a tablet server",
         )
     assert not cluster.alive("tserver")
-    check_files(cluster.meta, storage_of(cluster))
+    check_files(cluster.meta, faults.storage_of(cluster))
     assert all(
-        compactor_status(cluster, n)["failed"] == 0 for n in compactor_names(cluster).values()
+        faults.compactor_status(cluster, n)["failed"] == 0
+        for n in faults.compactor_names(cluster).values()
     )
 
     cluster.restart("tserver")
-    wait_tserver_back(cluster)
+    faults.wait_tserver_back(cluster)
     assert "recovered " in cluster.log("tserver")
-    served = {t.extent: {f.path for f in t.files} for t in c.tablets(TABLE)}
+    served = {t.extent: {f.path for f in t.files} for t in c.tablets(faults.TABLE)}
     for _, rec in recs.values():
         assert any(rec["output_path"] in files for files in served.values())
-    assert served == tablet_files(cluster.meta, table_id)
+    assert served == faults.tablet_files(cluster.meta, table_id)
     n = ingest.check_present(c)
     print(f"\nacknowledged entries checked after the restart: {n}")
-    settle_and_check(cluster, c, ingest)
+    faults.settle_and_check(cluster, c, ingest)
 
 
 def test_offline_table_compaction_commits_and_is_seen_online(cluster: LocalCluster) -> None:
     """Test 7: take the table offline while its external compaction runs. The compaction is
     not cancelled: it commits into the offline tablet's metadata, and once the table is online
     again the tablet serves the new file (and not the inputs)."""
-    cluster.start(coordinators=1, compactors=1, external_only=True)
-    c = cluster.client()
-    c.create_table(TABLE, properties=slow_majc(1.5))
-    table_id = c.table_info(TABLE).id
-    ingest = AckedIngest(c)
-    ingest.cycles(4)
+    c, table_id, ingest = faults.start_slow_ingest(cluster, sleep_s=1.5)
 
-    [(ecid, (extent, rec))] = wait_records(cluster, table_id, 1).items()
-    c.offline(TABLE)
-    assert c.table_info(TABLE).state == "offline"
+    [(ecid, (extent, rec))] = faults.wait_records(cluster, table_id, 1).items()
+    c.offline(faults.TABLE)
+    assert c.table_info(faults.TABLE).state == "offline"
     cluster.wait_for(
-        lambda: committed(cluster.meta, table_id, ecid, rec),
-        COMMIT_WAIT_S,
+        lambda: faults.committed(cluster.meta, table_id, ecid, rec),
+        faults.COMMIT_WAIT_S,
         "the compaction to commit while the table is offline",
     )
     assert cluster.meta.get_table(table_id).state == "offline"
-    assert compactor_status(cluster, "compactor-1")["cancelled"] == 0
-    check_files(cluster.meta, storage_of(cluster))
+    assert faults.compactor_status(cluster, "compactor-1")["cancelled"] == 0
+    check_files(cluster.meta, faults.storage_of(cluster))
 
-    c.online(TABLE)
-    [tablet] = c.tablets(TABLE)
+    c.online(faults.TABLE)
+    [tablet] = c.tablets(faults.TABLE)
     served = {f.path for f in tablet.files}
     assert rec["output_path"] in served
-    assert served == tablet_files(cluster.meta, table_id)[extent]
-    settle_and_check(cluster, c, ingest)
+    assert served == faults.tablet_files(cluster.meta, table_id)[extent]
+    faults.settle_and_check(cluster, c, ingest)
