@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from lithify.compaction import sort_key
 from lithify.compaction.iterators import CompactionIterator, load_iterators
-from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, sort_tuple_at
+from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, BatchKeys
 from lithify.errors import CompactionCancelledError
 from lithify.files.writer import WORK_MEMORY_POOL
 
@@ -95,41 +95,28 @@ class _Source:
         seen = 0
         for b in self.bufs:
             if seen + b.num_rows >= limit:
-                return sort_tuple_at(b, limit - seen - 1)
+                return BatchKeys(b)[limit - seen - 1]
             seen += b.num_rows
-        b = self.bufs[-1]
-        return sort_tuple_at(b, b.num_rows - 1)
+        return BatchKeys(self.bufs[-1])[-1]
 
     def take_through(self, cutoff: KeyTuple) -> list[pa.RecordBatch]:
         """Remove and return the buffered entries whose keys are <= `cutoff`."""
         out: list[pa.RecordBatch] = []
         while self.bufs:
             b = self.bufs[0]
-            if sort_tuple_at(b, b.num_rows - 1) <= cutoff:
+            keys = BatchKeys(b)
+            if keys[-1] <= cutoff:
                 out.append(b)
                 self.bufs.pop(0)
                 self.rows -= b.num_rows
                 continue
-            cut = 0 if sort_tuple_at(b, 0) > cutoff else bisect.bisect_right(_KeyView(b), cutoff)
+            cut = 0 if keys[0] > cutoff else bisect.bisect_right(keys, cutoff)
             if cut:
                 out.append(b.slice(0, cut))
                 self.bufs[0] = b.slice(cut)
                 self.rows -= cut
             break
         return out
-
-
-class _KeyView(Sequence[KeyTuple]):
-    """Lazy sequence of a sorted batch's key tuples, for `bisect` (O(log n) keys touched)."""
-
-    def __init__(self, batch: pa.RecordBatch) -> None:
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return self.batch.num_rows
-
-    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
-        return sort_tuple_at(self.batch, i)
 
 
 def merge_sorted(

@@ -9,8 +9,10 @@ batches with `ENTRY_SCHEMA`, so batches move between them without conversion.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -74,6 +76,48 @@ def sort_tuple_at(
 ) -> tuple[bytes, bytes, bytes, bytes, int, bool]:
     """The `sort_tuple` of entry `i` of a batch or table with the ENTRY_SCHEMA key columns."""
     return sort_tuple(*(batch.column(name)[i].as_py() for name, _ in SORT_KEYS))
+
+
+class BatchKeys(Sequence[tuple[bytes, bytes, bytes, bytes, int, bool]]):
+    """The `sort_tuple`s of one batch's entries, read straight from its Arrow buffers.
+
+    For binary searches in a sorted batch (the merge cuts every round at a key): a search
+    touches a few dozen entries, and reading each through pyarrow scalars (`sort_tuple_at`)
+    costs about 15 us where slicing the buffers costs a few.
+    """
+
+    __slots__ = ("_n", "_fields", "_ts", "_deleted", "_deleted_offset")
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        self._n = batch.num_rows
+        self._fields: list[tuple[np.ndarray, memoryview]] = []
+        for c in range(4):
+            col = batch.column(c)
+            _, offsets, data = col.buffers()
+            off = np.frombuffer(offsets, dtype=np.int32, count=len(col) + 1, offset=col.offset * 4)
+            self._fields.append((off, memoryview(data if data is not None else b"")))
+        ts = batch.column(4)
+        self._ts = np.frombuffer(
+            ts.buffers()[1], dtype=np.int64, count=len(ts), offset=ts.offset * 8
+        )
+        deleted = batch.column(5)
+        self._deleted = memoryview(deleted.buffers()[1])
+        self._deleted_offset = deleted.offset
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        i %= self._n
+        parts = []
+        for off, data in self._fields:
+            lo, hi = off[i : i + 2].tolist()
+            parts.append(bytes(data[lo:hi]))
+        bit = self._deleted_offset + i
+        deleted = bool((self._deleted[bit >> 3] >> (bit & 7)) & 1)
+        return sort_tuple(*parts, int(self._ts[i]), deleted)
 
 
 def key_at(batch: pa.RecordBatch | pa.Table, i: int) -> Key:

@@ -16,7 +16,9 @@ single thread per file, so this is what lets one compaction use every core.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -311,6 +313,8 @@ class PartitionedFileWriter:
         head = self._writers[0].footer
         assert head is not None
         footers = [(_thrift_decode_struct(head), 0)]
+        if len(self._writers) > 1:
+            self._stream = self._reopen_for_join()
         for w in self._writers[1:]:
             offset = self._stream.tell()
             footers.append((_thrift_decode_struct(self._append_part(w.path)), offset))
@@ -325,6 +329,22 @@ class PartitionedFileWriter:
             self._storage.delete(w.path)
         return FileInfo(self.path, size, entries, first, last)
 
+    def _reopen_for_join(self) -> Any:
+        """The stream the parts and the footer are appended to.
+
+        On the local filesystem the output is closed and opened again by the operating system,
+        so that parts are copied inside the kernel (`os.copy_file_range`, a reflink where the
+        filesystem has them) instead of through Python; the join runs after every part is done,
+        so its copy is all wall time. Elsewhere the output stream stays.
+        """
+        local = self._storage.local_path(self.path)
+        if local is None or not hasattr(os, "copy_file_range"):
+            return self._stream
+        self._stream.close()
+        out = open(local, "r+b")  # noqa: SIM115 - closed by close() or abort()
+        out.seek(0, os.SEEK_END)  # not "ab": copy_file_range refuses O_APPEND targets
+        return out
+
     def _append_part(self, rel: str) -> bytes:
         """Copy a part's bytes (all but its footer) to the output; return its footer."""
         with self._storage.open_input(rel) as f:
@@ -337,6 +357,12 @@ class PartitionedFileWriter:
             data_end = size - 8 - flen
             f.seek(data_end)
             footer = f.read(flen)
+            src = self._storage.local_path(rel)
+            if isinstance(self._stream, io.BufferedWriter) and src is not None:
+                self._stream.flush()
+                with open(src, "rb") as part:
+                    _copy_in_kernel(part.fileno(), self._stream.fileno(), data_end, rel)
+                return footer
             f.seek(0)
             left = data_end
             while left > 0:
@@ -355,6 +381,16 @@ class PartitionedFileWriter:
             with contextlib.suppress(Exception):
                 self._stream.close()
             self._storage.delete(self.path)
+
+
+def _copy_in_kernel(src: int, dst: int, count: int, name: str) -> None:
+    """Copy the first `count` bytes of file `src` to file `dst` at its position."""
+    offset = 0
+    while offset < count:
+        n = os.copy_file_range(src, dst, count - offset, offset_src=offset)
+        if n == 0:
+            raise ValueError(f"part {name} ended early")
+        offset += n
 
 
 def write_entries(
