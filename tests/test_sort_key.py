@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lithify.compaction import sort_key
-from lithify.data.key import ENTRY_SCHEMA, sort_tuple
+from lithify.data.key import ENTRY_SCHEMA, BatchKeys, sort_tuple, sort_tuple_at
 
 field_st = st.one_of(
     st.sampled_from([b"", b"a", b"a\x00", b"\x00", b"ab", b"b", b"\xff"]), st.binary(max_size=6)
@@ -65,3 +65,18 @@ def test_slices_are_encoded_from_their_own_offsets() -> None:
     want = sort_key.encode(batch_of(entries[4:7]))
     assert want is not None
     assert np.array_equal(part.keys, want.keys)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(entry_st, min_size=1, max_size=30), st.data())
+def test_batch_keys_read_the_sort_tuples_of_any_slice(entries: list[tuple], data) -> None:  # type: ignore[no-untyped-def]
+    """`BatchKeys` reads Arrow buffers directly: offsets of slices, the delete bitmap's bit
+    offset and empty data buffers must give exactly `sort_tuple_at`'s answers."""
+    batch = batch_of(entries)
+    start = data.draw(st.integers(0, len(entries) - 1))
+    length = data.draw(st.integers(1, len(entries) - start))
+    part = batch.slice(start, length)
+    keys = BatchKeys(part)
+    assert len(keys) == length
+    assert [keys[i] for i in range(length)] == [sort_tuple_at(part, i) for i in range(length)]
+    assert keys[-1] == sort_tuple_at(part, length - 1)
