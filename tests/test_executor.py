@@ -8,6 +8,8 @@ block on events, so every test decides exactly when a job starts and ends; every
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ import pytest
 from lithify.compaction.executor import InternalExecutor, QueuedJob
 from lithify.compaction.rate_limit import TokenBucket
 from lithify.compaction.spi import CompactableFile, CompactionJob, CompactionKind
+from lithify.compaction.thread_priority import NICE_INCREMENT
 from tests import gates
 
 WAIT_S = 10.0
@@ -188,6 +191,34 @@ def test_resize_down_then_concurrency_is_one(rec: Recorder) -> None:
     finally:
         rec.release.set()
         ex.shutdown(wait=True, timeout=WAIT_S)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_workers_and_their_threads_run_at_a_lower_cpu_priority() -> None:
+    """Compactions must yield the CPU to writers: a worker and a thread it starts (as a
+    compaction starts subcompaction threads) run NICE_INCREMENT above the caller (capped)."""
+    seen: list[int] = []
+    done = threading.Event()
+
+    def run(q: QueuedJob) -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        child = threading.Thread(
+            target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        )
+        child.start()
+        child.join(WAIT_S)
+        done.set()
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ex = InternalExecutor("i.test.x", 1)
+    try:
+        ex.submit(QueuedJob("t", make_job(["a"]), run))
+        assert done.wait(WAIT_S)
+    finally:
+        ex.shutdown()
+    want = min(19, base + NICE_INCREMENT)
+    assert seen == [want, want]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
 
 
 def test_resize_rejects_zero_threads() -> None:

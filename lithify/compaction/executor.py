@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from lithify.compaction.priority import job_order_key
 from lithify.compaction.spi import CompactionJob
+from lithify.compaction.thread_priority import lower_current_thread
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class InternalExecutor:
 
     def _worker(self) -> None:
         me = threading.current_thread()
+        lower_current_thread()
         while True:
             with self._cv:
                 while not self._heap and not self._should_exit():
