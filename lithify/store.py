@@ -113,8 +113,15 @@ class Store:
             raise LithifyError(
                 f"store {self.path} is already open in another process (lock {self.path / 'LOCK'})"
             ) from None
-        url = metadata_url or f"sqlite:///{self.path / 'metadata.db'}"
-        self.meta = MetadataStore.open(url)
+        try:
+            self._start(metadata_url, external_sink)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _start(self, metadata_url: str | None, external_sink: ExternalSink | None) -> None:
+        """Everything `__init__` does once the store's lock is held (undone by `_abandon`)."""
+        self.meta = MetadataStore.open(metadata_url_of(self.path, metadata_url))
         self.storage = Storage(str(self.path / "data"))
         self.in_use = FilesInUse()
         self._lock = threading.RLock()
@@ -122,7 +129,10 @@ class Store:
         self._props_cache: dict[str, Properties] = {}
         self._sys_props = system_properties(self.meta.get_system_properties())
         self.logs = LogManager(
-            self.meta, self.path / "wal", self._sys_props.get_size("tserver.wal.max.size")
+            self.meta,
+            self.path / "wal",
+            self._sys_props.get_size("tserver.wal.max.size"),
+            flush_interval_s=self._sys_props.get_duration("tserver.wal.flush.interval"),
         )
         self._ctx = TabletContext(
             storage=self.storage,
@@ -221,7 +231,9 @@ class Store:
                     "write-ahead log %s referenced by %d tablet(s) is missing", path, len(users)
                 )
                 continue
-            records = list(read_log(path))
+            # A damaged record with intact ones after it raises CorruptFileError (the store
+            # does not open) unless tserver.wal.recovery=point-in-time; a torn tail is a warning.
+            records = list(read_log(path, recovery=self._sys_props["tserver.wal.recovery"]))
             for tb in users:
                 total += tb.recover(records)
         log.info("recovered %d entries from %d log(s)", total, len(paths))
@@ -312,11 +324,7 @@ class Store:
         The whole resulting configuration is validated first, so a bad value is rejected with
         a message naming the property and nothing is applied.
         """
-        changes = {name: None if value is None else validate_system_property(name, value)}
-        current = self.meta.get_system_properties()
-        proposed = {k: v for k, v in {**current, **changes}.items() if v is not None}
-        CompactionManager.validate(proposed)
-        self.meta.set_system_properties(changes)
+        write_system_property(self.meta, name, value)
         self._sys_props = system_properties(self.meta.get_system_properties())
         self.manager.reconfigure(self._sys_props.explicit())
         self.manager.plan_all()
@@ -800,6 +808,25 @@ class Store:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def _abandon(self) -> None:
+        """Undo a start that failed part way (a log that cannot be recovered, a metadata store
+        that cannot be reached): stop what was started and release the lock at once, so that
+        the operator can fix the cause and open the store again in this process or another."""
+        self._closed = True
+        for name, stop in (
+            ("manager", lambda: self.manager.shutdown(wait=True)),
+            ("_flusher", lambda: self._flusher.shutdown(wait=True)),
+            ("logs", lambda: self.logs.close()),
+            ("meta", lambda: self.meta.close()),
+        ):
+            if name in self.__dict__:
+                try:
+                    stop()
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    log.exception("cleaning up after a failed start: %s", name)
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()
+
     def close(self) -> None:
         """Stop background work and release the store; acknowledged writes stay in the log."""
         if self._closed:
@@ -817,6 +844,24 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def metadata_url_of(path: Path, metadata_url: str | None) -> str:
+    """The metadata store of the store at `path`: `metadata_url`, or SQLite beside the data."""
+    return metadata_url or f"sqlite:///{path / 'metadata.db'}"
+
+
+def write_system_property(meta: MetadataStore, name: str, value: str | None) -> None:
+    """Validate and write (None: unset) a system property in the metadata store.
+
+    The whole resulting configuration is validated first (compaction services included), so a
+    bad value is rejected with a message naming the property and nothing is written.
+    """
+    changes = {name: None if value is None else validate_system_property(name, value)}
+    current = meta.get_system_properties()
+    proposed = {k: v for k, v in {**current, **changes}.items() if v is not None}
+    CompactionManager.validate(proposed)
+    meta.set_system_properties(changes)
 
 
 def open(  # noqa: A001

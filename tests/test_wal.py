@@ -359,18 +359,22 @@ def test_zero_filled_tail_ends_replay(tmp_path: Path, caplog: pytest.LogCaptureF
     assert "below the minimum" in caplog.records[-1].getMessage()
 
 
-def test_damage_in_the_middle_stops_replay_and_says_how_much_is_skipped(
+def test_damage_in_the_middle_raises_unless_point_in_time(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Intact records after a damaged one: corruption inside the log, not a torn tail (more in
+    tests/test_wal_recovery.py)."""
     data, last_start, seqs = _three_records(tmp_path)
     path = tmp_path / "mid.wal"
     damaged = bytearray(data)
     damaged[HEADER_SIZE + 30] ^= 0xFF
     path.write_bytes(bytes(damaged))
+    with pytest.raises(CorruptFileError, match=f"offset {HEADER_SIZE}.*intact record follows"):
+        seqs_of(path)
     caplog.set_level(logging.WARNING, logger=WAL_LOGGER)
-    assert seqs_of(path) == []
+    assert [r.seq for r in read_log(path, recovery="point-in-time")] == []
     message = caplog.records[-1].getMessage()
-    assert f"offset {HEADER_SIZE}" in message and "bytes after the record ignored" in message
+    assert f"offset {HEADER_SIZE}" in message and "bytes from there on are ignored" in message
 
 
 def _header(magic: bytes = wal_mod.MAGIC, version: int = wal_mod.FORMAT_VERSION) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,6 +13,8 @@ import lithify
 from lithify.cli.main import METADATA_OPTION, STORE_OPTION
 from lithify.data.mutation import Mutation
 from lithify.errors import LithifyError
+from lithify.metadata.store import MetadataStore
+from lithify.store import metadata_url_of, write_system_property
 
 
 def with_store(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,23 +65,69 @@ def tables(store: lithify.Store) -> None:
 @click.option("-t", "--table", default=None, help="Table whose properties to show or change.")
 @click.option("-s", "--set", "setting", default=None, metavar="NAME=VALUE", help="Set a property.")
 @click.option("-d", "--delete", "unset", default=None, metavar="NAME", help="Unset a property.")
-@with_store
-def config(store: lithify.Store, table: str | None, setting: str | None, unset: str | None) -> None:
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="System properties only: read and write them in the metadata store without opening "
+    "the store, for a store that cannot open (e.g. set tserver.wal.recovery=point-in-time "
+    "after its log is reported corrupt). Takes effect when the store next opens.",
+)
+@STORE_OPTION
+@METADATA_OPTION
+def config(
+    store_dir: str,
+    metadata_url: str | None,
+    table: str | None,
+    setting: str | None,
+    unset: str | None,
+    offline: bool,
+) -> None:
     """Show or change table properties (-t) or system properties (no -t)."""
+    name = value = None
     if setting:
         name, sep, value = setting.partition("=")
         if not sep:
             raise click.BadParameter("expected NAME=VALUE", param_hint="--set")
-        if table:
-            store.set_property(table, name.strip(), value)
-        else:
-            store.set_system_property(name.strip(), value)
-    if unset:
-        if table:
-            store.unset_property(table, unset)
-        else:
-            store.meta.set_system_properties({unset: None})
-    props = store.get_properties(table) if table else dict(store.system_properties())
+        name = name.strip()
+    try:
+        if offline:
+            if table:
+                raise click.UsageError("--offline changes system properties only (no -t)")
+            _config_offline(store_dir, metadata_url, name, value, unset)
+            return
+        with lithify.open(store_dir, metadata_url=metadata_url) as store:
+            if name is not None:
+                if table:
+                    store.set_property(table, name, value)
+                else:
+                    store.set_system_property(name, value)
+            if unset:
+                if table:
+                    store.unset_property(table, unset)
+                else:
+                    store.set_system_property(unset, None)
+            props = store.get_properties(table) if table else dict(store.system_properties())
+    except LithifyError as e:
+        raise click.ClickException(str(e)) from None
+    _echo_properties(props)
+
+
+def _config_offline(
+    store_dir: str, metadata_url: str | None, name: str | None, value: str | None, unset: str | None
+) -> None:
+    meta = MetadataStore.open(metadata_url_of(Path(store_dir).resolve(), metadata_url))
+    try:
+        if name is not None:
+            write_system_property(meta, name, value)
+        if unset:
+            write_system_property(meta, unset, None)
+        props = meta.get_system_properties()
+    finally:
+        meta.close()
+    _echo_properties(props)
+
+
+def _echo_properties(props: dict[str, str]) -> None:
     for k in sorted(props):
         click.echo(f"{k}={props[k]}")
 

@@ -200,6 +200,22 @@ SYSTEM_PROPERTIES: tuple[PropertyDef, ...] = (
     ),
     PropertyDef("tserver.wal.max.size", "1G", _size, "size at which the write-ahead log rolls"),
     PropertyDef(
+        "tserver.wal.flush.interval",
+        "1s",
+        _duration,
+        "longest time a table.durability=none write stays buffered in the tablet server before "
+        "the write-ahead log writes it out (0: only when the buffer fills)",
+    ),
+    PropertyDef(
+        "tserver.wal.recovery",
+        "tolerate-tail",
+        _choice("tolerate-tail", "point-in-time"),
+        "what log replay does with a damaged record: tolerate-tail (only a torn tail, a damaged "
+        "record with nothing intact after it, is dropped; damage followed by intact records "
+        "stops recovery with an error), point-in-time (replay stops at the first damaged "
+        "record wherever it is, dropping what follows, with a warning)",
+    ),
+    PropertyDef(
         "tserver.compaction.major.service.",
         None,
         _any_string,

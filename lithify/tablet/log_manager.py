@@ -22,8 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class LogManager:
-    def __init__(self, meta: MetadataStore, directory: Path, max_size: int) -> None:
+    def __init__(
+        self, meta: MetadataStore, directory: Path, max_size: int, *, flush_interval_s: float = 1.0
+    ) -> None:
         self._meta = meta
+        self._flush_interval_s = flush_interval_s
         self._dir = directory
         self._dir.mkdir(parents=True, exist_ok=True)
         self._max_size = max_size
@@ -33,7 +36,7 @@ class LogManager:
     def _open_new(self) -> WriteAheadLog:
         gen = self._meta.next_log_generation()
         path = self._dir / f"{gen:012d}.wal"
-        wal = WriteAheadLog.create(path, gen, "flush")
+        wal = WriteAheadLog.create(path, gen, "flush", flush_interval_s=self._flush_interval_s)
         self._meta.add_log(str(path), gen)
         log.info("opened write-ahead log %s", path)
         return wal

@@ -22,11 +22,39 @@ generations as long as generations do (the metadata store hands them out). They 
 
 Durability of an acknowledged append: `none` (may still sit in this process's buffer and is lost
 if the process dies), `flush` (handed to the operating system: survives kill -9 of the process,
-not a power loss), `sync` (fdatasync'ed: survives a power loss).
+not a power loss), `sync` (fdatasync'ed: survives a power loss). A `none` record does not sit in
+the buffer indefinitely: a daemon thread of the log (started by the first `none` append, stopped
+by `close`) writes buffered `none` records out at most `flush_interval_s` after they were
+appended (`tserver.wal.flush.interval`, default 1s; 0: only when the buffer fills or a later
+`flush`/`sync` append, `flush()`, `sync()` or `close()` writes them).
 
-A reader stops at the first record that is torn or corrupt (short length, short payload, bad
-CRC), logging a warning that names the file, offset and fault: a crash can tear only the tail,
-and records after a damaged one cannot be framed reliably anyway.
+Reading, and what a damaged record means. A crash (kill -9, and for synced records a power loss)
+can only tear the TAIL of a log: the last record is short (fewer bytes than its length says) or
+fails its CRC. A bad record followed by intact records is something else: corruption inside the
+log (bit rot, a bad disk, an overwritten block), and replaying up to it would silently drop
+acknowledged records after it. So after a record that fails (short header, impossible length,
+short payload, bad CRC) the reader looks for an intact record after it: first at the position
+the damaged record's length points to, then (the length itself may be the damaged part) by
+scanning forward. A candidate is intact if its frame is well-formed, its CRC holds, its type is
+known and its sequence number is of this log's generation and greater than the last good one
+(records are written in sequence order, so anything older is not a later record of this log).
+What happens then is the `recovery` mode (`tserver.wal.recovery`; RocksDB has the same two):
+
+* `tolerate-tail` (the default): a damaged record with nothing intact after it is a torn tail;
+  replay stops there with a warning naming the file, offset and fault. A damaged record with
+  intact records after it raises CorruptFileError naming the file, the offset, the fault and
+  where the next intact record is, so the tablet server refuses to recover rather than lose
+  acknowledged writes without anyone deciding to.
+* `point-in-time`: replay stops at the first damaged record, wherever it is, with a warning
+  (saying whether intact records follow and are dropped).
+
+One caveat: after a power loss, records that were written but not yet synced may reach the disk
+in any order, leaving a hole (typically zeros) before intact later records. Everything after the
+last sync is unsynced, so `point-in-time` loses only records that were not acknowledged as
+`sync`; `tolerate-tail` refuses such a log, and the operator decides.
+
+The forward scan reads only from the damaged record to the next intact one (or to the end of
+the file: for a torn tail that is what the crash left unfinished), so it costs little.
 """
 
 from __future__ import annotations
@@ -42,6 +70,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from lithify.data.key import ENTRY_SCHEMA
@@ -234,16 +263,26 @@ class WriteAheadLog:
         durability: Durability,
         buffer_bytes: int,
         wait_timeout_s: float,
+        flush_interval_s: float = 1.0,
     ) -> None:
         """Use `WriteAheadLog.create`; this wraps an open file whose header is written."""
+        if not flush_interval_s >= 0:
+            raise ValueError(f"flush interval {flush_interval_s!r} is negative")
         self._path = path
         self._fd = fd
         self._generation = generation
         self._durability = durability
         self._buffer_bytes = buffer_bytes
         self._wait_timeout_s = wait_timeout_s
+        self._flush_interval_s = flush_interval_s
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        #: Wakes the timed flusher; separate from `_cond` so appends never wake group-commit
+        #: waiters for it (and its waits never steal their notifications).
+        self._flush_cond = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
+        #: When the oldest `none` record still in `_pending` was appended (None: there is none).
+        self._none_pending_since: float | None = None
         self._counter = 0
         self._pending: list = []
         self._pending_bytes = 0
@@ -269,14 +308,20 @@ class WriteAheadLog:
         *,
         buffer_bytes: int = 1 << 20,
         wait_timeout_s: float = 300.0,
+        flush_interval_s: float = 1.0,
     ) -> WriteAheadLog:
         """Create a new log file (never an existing one: that would destroy its records).
 
         `durability` is the default for appends that do not say otherwise. `buffer_bytes` is how
         much `none` appends may accumulate in the process before they are written out.
         `wait_timeout_s` bounds how long an append waits for another thread's write or fsync.
+        `flush_interval_s` bounds how long a `none` record stays in that buffer: a thread of
+        the log writes it out at most this long after its append (0: only when the buffer
+        fills, or a later append, `flush`, `sync` or `close` writes it).
         The header is synced, with the directory, before this returns.
         """
+        if not flush_interval_s >= 0:
+            raise ValueError(f"flush interval {flush_interval_s!r} is negative")
         path = Path(path)
         if not (0 <= generation <= MAX_GENERATION):
             raise ValueError(f"log generation {generation} is outside [0, {MAX_GENERATION}]")
@@ -291,7 +336,7 @@ class WriteAheadLog:
             os.close(fd)
             raise
         _fsync_dir(path.parent)
-        return cls(path, fd, generation, level, buffer_bytes, wait_timeout_s)
+        return cls(path, fd, generation, level, buffer_bytes, wait_timeout_s, flush_interval_s)
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -340,6 +385,11 @@ class WriteAheadLog:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def flush_interval_s(self) -> float:
+        """How long a `none` record may stay buffered in the process (0: until the buffer fills)."""
+        return self._flush_interval_s
+
     # -- appending ----------------------------------------------------------------------------
 
     def append(
@@ -385,6 +435,12 @@ class WriteAheadLog:
             if level == Durability.NONE:
                 if self._pending_bytes >= self._buffer_bytes and not self._writing:
                     self._lead()
+                elif self._none_pending_since is None and self._flush_interval_s > 0:
+                    self._none_pending_since = time.monotonic()
+                    if self._flusher is None:
+                        self._start_flusher()
+                    else:
+                        self._flush_cond.notify()
                 return seq
             if level == Durability.SYNC:
                 self._sync_wanted_seq = seq
@@ -411,8 +467,10 @@ class WriteAheadLog:
         """Write and sync what is buffered, then close the file. Idempotent.
 
         A log that failed is closed without writing more: its buffer may follow a torn record.
+        The timed flusher, if any, stops.
         """
         with self._lock:
+            flusher = self._flusher
             if self._closed:
                 return
             try:
@@ -426,10 +484,16 @@ class WriteAheadLog:
             finally:
                 self._closed = True
                 self._pending = []
+                self._none_pending_since = None
                 self._cond.notify_all()
+                self._flush_cond.notify_all()
                 if not self._writing:
                     os.close(self._fd)
                 # else: a leader stuck in I/O past the wait closes the file when it returns.
+        if flusher is not None and flusher is not threading.current_thread():
+            # It only needs the lock to see `_closed`; a flusher waiting on a write stuck in
+            # I/O was woken above too. It is a daemon, so a bounded join is enough.
+            flusher.join(timeout=10)
 
     def __enter__(self) -> WriteAheadLog:
         return self
@@ -485,6 +549,7 @@ class WriteAheadLog:
         unknown, so nobody may be told that a later record is durable.
         """
         bufs, self._pending, self._pending_bytes = self._pending, [], 0
+        self._none_pending_since = None
         last = self._appended_seq
         do_sync = self._sync_wanted_seq > self._synced_seq
         self._writing = True
@@ -517,6 +582,44 @@ class WriteAheadLog:
             self._synced_seq = self._written_seq
             self._sync_count += 1
 
+    # -- the timed flush of `none` records ------------------------------------------------------
+
+    def _start_flusher(self) -> None:
+        """Start the thread that bounds how long `none` records stay buffered (lock held)."""
+        self._flusher = threading.Thread(
+            target=self._flush_loop, name=f"wal-flush-{self._generation}", daemon=True
+        )
+        self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        """Write buffered `none` records out once the oldest is `flush_interval_s` old.
+
+        It writes through `_await`, as `flush()` does, so it is one more appender to the group
+        commit: it leads a write when nobody else is writing, or waits for the write in
+        progress and then leads one for what is still pending. Sleeps while nothing is buffered;
+        ends when the log is closed or fails.
+        """
+        interval = self._flush_interval_s
+        with self._lock:
+            while not self._closed and self._failed is None:
+                since = self._none_pending_since
+                if since is None:
+                    self._flush_cond.wait()
+                    continue
+                remaining = since + interval - time.monotonic()
+                if remaining > 0:
+                    self._flush_cond.wait(remaining)
+                    continue
+                try:
+                    self._await(self._appended_seq, Durability.FLUSH)
+                except LogClosedError:
+                    return
+                except LithifyError as e:  # a write stuck past wait_timeout_s: try again
+                    log.warning("write-ahead log %s: timed flush: %s", self._path, e)
+                except Exception as e:  # not expected: _lead raises LogClosedError on failure
+                    log.error("write-ahead log %s: timed flush failed: %r", self._path, e)
+                    return
+
 
 # -- reading ----------------------------------------------------------------------------------
 
@@ -546,29 +649,55 @@ def read_log_header(path: str | Path) -> LogHeader:
         return _parse_header(path, f.read(HEADER_SIZE))
 
 
-def read_log(path: str | Path) -> Iterator[LogRecord]:
+TOLERATE_TAIL = "tolerate-tail"
+POINT_IN_TIME = "point-in-time"
+#: The values of `read_log`'s `recovery` (the property `tserver.wal.recovery`).
+RECOVERY_MODES = (TOLERATE_TAIL, POINT_IN_TIME)
+
+
+def parse_recovery(value: str) -> str:
+    """The recovery mode `value` names; ConfigError naming the accepted values otherwise."""
+    mode = str(value).strip().lower()
+    if mode not in RECOVERY_MODES:
+        raise ConfigError(
+            f"write-ahead log recovery mode {value!r} is not accepted (tserver.wal.recovery); "
+            f"accepted values: {', '.join(RECOVERY_MODES)}"
+        )
+    return mode
+
+
+def read_log(path: str | Path, *, recovery: str = TOLERATE_TAIL) -> Iterator[LogRecord]:
     """The complete records of a log, in the order written (which is sequence order).
 
-    A torn or corrupt tail ends the replay at the last good record with a warning; a bad header,
-    or a record whose checksum holds but whose contents cannot be decoded (a writer bug or a
-    newer format, not a crash), raises CorruptFileError naming the file.
+    A torn or corrupt tail (a damaged record with no intact record after it) ends the replay at
+    the last good record with a warning. A damaged record followed by an intact one is
+    corruption inside the log: with `recovery="tolerate-tail"` (the default) it raises
+    CorruptFileError, after yielding the records before it, naming the file, the offset, the
+    fault and the next intact record; with `recovery="point-in-time"` replay stops there with a
+    warning. A bad header, or a record whose checksum holds but whose contents cannot be decoded
+    (a writer bug or a newer format, not a crash), raises CorruptFileError naming the file. The
+    mode is checked at once (ConfigError), not when iteration starts.
     """
-    path = Path(path)
+    return _read_log(Path(path), parse_recovery(recovery))
+
+
+def _read_log(path: Path, recovery: str) -> Iterator[LogRecord]:
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
         header = _parse_header(path, f.read(HEADER_SIZE))
         offset = HEADER_SIZE
+        last_seq = make_seq(header.generation, 0)
         while True:
             frame = f.read(_FRAME.size)
             if not frame:
                 return
             fault = None
             length = 0
+            available = file_size - offset - _FRAME.size
             if len(frame) < _FRAME.size:
                 fault = f"torn record header ({len(frame)} of {_FRAME.size} bytes)"
             else:
                 length, crc = _FRAME.unpack(frame)
-                available = file_size - offset - _FRAME.size
                 if length < _MIN_PAYLOAD:
                     fault = f"record length {length} is below the minimum {_MIN_PAYLOAD}"
                 elif length > available:
@@ -580,14 +709,7 @@ def read_log(path: str | Path) -> Iterator[LogRecord]:
                     elif zlib.crc32(payload) != crc:
                         fault = "checksum mismatch"
             if fault is not None:
-                after = max(file_size - offset - _FRAME.size - length, 0)
-                log.warning(
-                    "write-ahead log %s: replay stops at offset %d: %s%s",
-                    path,
-                    offset,
-                    fault,
-                    f" ({after} bytes after the record ignored)" if after else "",
-                )
+                _damaged(f.fileno(), path, file_size, offset, length, fault, last_seq, recovery)
                 return
             record = _decode_payload(path, offset, payload)
             if seq_generation(record.seq) != header.generation:
@@ -597,7 +719,142 @@ def read_log(path: str | Path) -> Iterator[LogRecord]:
                     f"{header.generation}"
                 )
             yield record
+            last_seq = max(last_seq, record.seq)
             offset += _FRAME.size + length
+
+
+def _damaged(
+    fd: int,
+    path: Path,
+    file_size: int,
+    offset: int,
+    length: int,
+    fault: str,
+    last_seq: int,
+    recovery: str,
+) -> None:
+    """Judge a damaged record at `offset`: raise for damage inside the log (unless recovery is
+    point-in-time), otherwise log the warning that replay stops there."""
+    generation = seq_generation(last_seq)
+    intact = None
+    pointed = offset + _FRAME.size + length
+    if length >= _MIN_PAYLOAD and pointed < file_size:
+        intact = _intact_record_at(fd, file_size, pointed, generation, last_seq)
+    if intact is None:
+        # The length may be the damaged part: look for the next record byte by byte.
+        intact = _scan_for_intact_record(fd, file_size, offset + 1, generation, last_seq)
+    last = f"sequence number {last_seq}" if last_seq & _MAX_COUNTER else "none"
+    if intact is not None:
+        next_offset, next_seq = intact
+        if recovery == TOLERATE_TAIL:
+            raise CorruptFileError(
+                f"write-ahead log {path}: record at offset {offset} is damaged ({fault}), but an "
+                f"intact record follows at offset {next_offset} (sequence number {next_seq}; the "
+                f"last good record before the damage: {last}): the log is corrupt inside, not "
+                f"torn at its tail, and replaying only up to the damage would lose acknowledged "
+                f"writes. Recovery refuses; to recover up to the damage and drop everything "
+                f"from offset {offset} on, set tserver.wal.recovery={POINT_IN_TIME}"
+            )
+        log.warning(
+            "write-ahead log %s: replay stops at offset %d: %s (the %d bytes from there on are "
+            "ignored, among them intact records from offset %d, sequence number %d, on: dropped "
+            "because tserver.wal.recovery=%s)",
+            path,
+            offset,
+            fault,
+            file_size - offset,
+            next_offset,
+            next_seq,
+            POINT_IN_TIME,
+        )
+        return
+    after = max(file_size - pointed, 0) if length >= _MIN_PAYLOAD else 0
+    log.warning(
+        "write-ahead log %s: replay stops at offset %d: %s%s",
+        path,
+        offset,
+        fault,
+        f" ({after} bytes after the record ignored, no intact record among them)" if after else "",
+    )
+
+
+def _intact_record_at(
+    fd: int, file_size: int, pos: int, generation: int, after_seq: int
+) -> tuple[int, int] | None:
+    """(pos, seq) if a complete record of `generation` newer than `after_seq` starts at `pos`:
+    well-formed frame, valid CRC, known type, a tablet key that fits."""
+    frame = os.pread(fd, _FRAME.size, pos)
+    if len(frame) < _FRAME.size:
+        return None
+    length, crc = _FRAME.unpack(frame)
+    if length < _MIN_PAYLOAD or length > file_size - pos - _FRAME.size:
+        return None
+    return _check_candidate(fd, pos, length, crc, generation, after_seq)
+
+
+def _check_candidate(
+    fd: int, pos: int, length: int, crc: int, generation: int, after_seq: int
+) -> tuple[int, int] | None:
+    tail = os.pread(fd, _SEQ.size, pos + _FRAME.size + length - _SEQ.size)
+    if len(tail) < _SEQ.size:  # the file shrank under us
+        return None
+    (seq,) = _SEQ.unpack(tail)
+    if seq_generation(seq) != generation or seq <= after_seq:
+        return None
+    payload = os.pread(fd, length, pos + _FRAME.size)
+    if len(payload) < length or zlib.crc32(payload) != crc:
+        return None
+    kind, tablet_len = _PAYLOAD_HEAD.unpack_from(payload)
+    if kind != RecordType.ENTRIES or _MIN_PAYLOAD + tablet_len > length:
+        return None
+    return pos, seq
+
+
+#: Candidate positions the forward scan examines per step (its arrays are ~20 bytes each).
+_SCAN_CHUNK = 1 << 18
+
+
+def _scan_for_intact_record(
+    fd: int, file_size: int, start: int, generation: int, after_seq: int
+) -> tuple[int, int] | None:
+    """The first (offset, seq) at or after `start` where an intact record of `generation`
+    newer than `after_seq` starts, or None.
+
+    Every byte position is a candidate; numpy rules out, a chunk at a time, those whose length
+    does not fit the file, whose type byte is not a known type or whose tablet key does not
+    fit the length. What remains (a small fraction) is checked one by one: the sequence number
+    at the end first (8 bytes), the CRC of the payload last.
+    """
+    head = _FRAME.size + _PAYLOAD_HEAD.size  # bytes of a candidate the vector filters read
+    last = file_size - _FRAME.size - _MIN_PAYLOAD  # the last position a record fits at
+    pos = start
+    while pos <= last:
+        n = min(_SCAN_CHUNK, last - pos + 1)
+        window = os.pread(fd, n - 1 + head, pos)
+        if len(window) < n - 1 + head:  # the file shrank under us
+            return None
+        lengths = np.ndarray((n,), dtype="<u4", buffer=window, offset=0, strides=(1,))
+        crcs = np.ndarray((n,), dtype="<u4", buffer=window, offset=4, strides=(1,))
+        kinds = np.ndarray((n,), dtype="u1", buffer=window, offset=_FRAME.size, strides=(1,))
+        tablet_lens = np.ndarray(
+            (n,), dtype="<u2", buffer=window, offset=_FRAME.size + 1, strides=(1,)
+        )
+        room = (file_size - pos - _FRAME.size) - np.arange(n, dtype=np.int64)
+        lens64 = lengths.astype(np.int64)
+        ok = (
+            (lens64 >= _MIN_PAYLOAD)
+            & (lens64 <= room)
+            & (kinds == RecordType.ENTRIES)
+            & (tablet_lens.astype(np.int64) + _MIN_PAYLOAD <= lens64)
+        )
+        for i in np.flatnonzero(ok).tolist():
+            found = _check_candidate(
+                fd, pos + i, int(lengths[i]), int(crcs[i]), generation, after_seq
+            )
+            if found is not None:
+                return found
+        pos += n
+    return None
 
 
 def _decode_payload(path: Path, offset: int, payload: bytes) -> LogRecord:
