@@ -164,7 +164,8 @@ def test_a_failed_write_fails_the_log(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_durability_none_buffers_in_the_process(tmp_path: Path) -> None:
     path = tmp_path / "a.wal"
-    with WriteAheadLog.create(path, 1, "none", buffer_bytes=1 << 30) as wal:
+    # No timed flush (flush_interval_s=0): a stalled machine must not make it write early.
+    with WriteAheadLog.create(path, 1, "none", buffer_bytes=1 << 30, flush_interval_s=0) as wal:
         for i in range(5):
             wal.append("t", entries(f"n{i}"))
         assert path.stat().st_size == HEADER_SIZE
@@ -207,7 +208,7 @@ def test_durability_sync_syncs_each_append(tmp_path: Path) -> None:
 
 def test_per_append_durability_override(tmp_path: Path) -> None:
     path = tmp_path / "a.wal"
-    with WriteAheadLog.create(path, 1, "none", buffer_bytes=1 << 30) as wal:
+    with WriteAheadLog.create(path, 1, "none", buffer_bytes=1 << 30, flush_interval_s=0) as wal:
         a = wal.append("t", entries("a"))
         assert seqs_of(path) == []
         b = wal.append("t", entries("b"), durability="flush")
