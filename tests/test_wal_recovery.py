@@ -415,7 +415,8 @@ def test_none_append_is_written_out_within_the_interval(tmp_path: Path) -> None:
         c = wal.append("t", entries("c"))
         assert _wait_for_records(path, 3, timeout_s=interval + 5) is not None
         assert [r.seq for r in read_log(path)] == [a, b, c]
-        assert wal.write_count == 2 and wal.sync_count == 0
+        # 2, or 3 if a stall longer than the interval fell between the appends of b and c.
+        assert wal.write_count in (2, 3) and wal.sync_count == 0
         assert len(set(_flusher_threads()) - before) == 1
     deadline = time.monotonic() + 10
     while set(_flusher_threads()) - before and time.monotonic() < deadline:
