@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from lithify.compaction import sort_key
 from lithify.compaction.iterators import CompactionIterator, load_iterators
-from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, BatchKeys
+from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, BatchKeys, neighbour_order
 from lithify.errors import CompactionCancelledError
 from lithify.files.writer import WORK_MEMORY_POOL
 
@@ -224,33 +224,15 @@ def _order(batch: pa.RecordBatch, presorted: bool) -> tuple[np.ndarray | None, n
     if keys is not None:
         order = sort_key.merge_order(keys)
         return order, sort_key.same_column(keys.keys[order], keys.column_bytes)
-    if presorted:
-        order, cols = None, batch.columns[:6]
-    else:
+    order = None
+    cols = batch
+    if not presorted:
         idx = pc.sort_indices(batch, sort_keys=SORT_KEYS, memory_pool=MEMORY_POOL)
         order = idx.to_numpy()
-        cols = [pc.take(batch.column(i), idx, memory_pool=MEMORY_POOL) for i in range(4)]
+        cols = pc.take(batch.select(list(COLUMN_FIELDS)), idx, memory_pool=MEMORY_POOL)
     same_col = np.zeros(n, dtype=bool)
-    if n > 1:
-        eq = None
-        for c in cols[:4]:
-            if _all_empty(c):
-                continue
-            e = pc.equal(c.slice(1), c.slice(0, n - 1), memory_pool=MEMORY_POOL)
-            eq = e if eq is None else pc.and_(eq, e, memory_pool=MEMORY_POOL)
-        same_col[1:] = True if eq is None else _bool_np(eq)
+    same_col[1:] = neighbour_order(cols, SORT_KEYS[: len(COLUMN_FIELDS)], order=False)[1]
     return order, same_col
-
-
-def _all_empty(col: pa.Array) -> bool:
-    """True when every value of a binary column is empty (O(1): from its offsets)."""
-    if col.null_count or len(col) == 0:
-        return False
-    off = np.frombuffer(col.buffers()[1], dtype=np.int32, count=2, offset=col.offset * 4)
-    end = np.frombuffer(
-        col.buffers()[1], dtype=np.int32, count=1, offset=(col.offset + len(col)) * 4
-    )
-    return bool(off[0] == end[0])
 
 
 def _bool_np(a: pa.Array) -> np.ndarray:
@@ -275,6 +257,11 @@ def _resolve(
     """
     n = len(ts)
     continuing = carry.col is not None and first_col == carry.col
+    if not continuing and not same_col[1:].any():
+        # Every entry is the only one of its column (a flush, usually): nothing hides anything,
+        # so each put is kept and each delete kept only when deletes propagate.
+        _carry_last_column(carry, last_col, int(ts[-1]), bool(dl[-1]), int(dl[-1]), int(not dl[-1]))
+        return None if propagate or not dl.any() else ~dl
     same_col = same_col.copy()
     same_col[0] = continuing
     same_key = same_col.copy()
@@ -303,14 +290,34 @@ def _resolve(
     if propagate:
         keep |= is_del & (del_before == 0)
 
-    carry.col = last_col
-    carry.timestamp = int(ts[-1])
-    carry.deleted = bool(dl[-1])
-    carry.deletes = int(del_before[-1] + is_del[-1])
-    carry.puts = int(put_rank[-1] + is_put[-1])
+    _carry_last_column(
+        carry,
+        last_col,
+        int(ts[-1]),
+        bool(dl[-1]),
+        int(del_before[-1] + is_del[-1]),
+        int(put_rank[-1] + is_put[-1]),
+    )
     if keep.all():
         return None
     return keep
+
+
+def _carry_last_column(
+    carry: _Carry,
+    col: tuple[bytes, bytes, bytes, bytes],
+    timestamp: int,
+    deleted: bool,
+    deletes: int,
+    puts: int,
+) -> None:
+    """Remember the round's last column for the next round: its key, its last entry's
+    timestamp and delete flag, and the deletes and puts of it seen so far."""
+    carry.col = col
+    carry.timestamp = timestamp
+    carry.deleted = deleted
+    carry.deletes = deletes
+    carry.puts = puts
 
 
 def merged_table(

@@ -141,3 +141,43 @@ def sort_table(table: pa.Table) -> pa.Table:
 
 def empty_table() -> pa.Table:
     return ENTRY_SCHEMA.empty_table()
+
+
+def neighbour_order(
+    table: pa.Table | pa.RecordBatch, keys: list[tuple[str, str]], *, order: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each pair of neighbours (i, i + 1): whether entry i sorts strictly before entry
+    i + 1 on `keys` (sort keys as for `pc.sort_indices`; all false with `order=False`, for
+    callers that only need the second answer), and whether the two are equal on all of them.
+
+    Vectorised: neighbours are compared field by field, and a field is looked at only for the
+    pairs whose earlier fields are all equal (usually none after `row`), so the cost is about
+    two comparisons of the row column (1 ms per 100,000 entries).
+    """
+    pairs = max(table.num_rows - 1, 0)
+    before = np.zeros(pairs, dtype=bool)
+    undecided = np.arange(pairs)  # pairs equal on every field so far
+    for name, direction in keys:
+        if len(undecided) == 0:
+            break
+        col = table.column(name)
+        prev, nxt = col.slice(0, pairs), col.slice(1)
+        if len(undecided) < pairs:
+            index = pa.array(undecided)
+            prev, nxt = prev.take(index), nxt.take(index)
+        equal = bools(pc.equal(prev, nxt))
+        if order:
+            less = bools(pc.less(prev, nxt) if direction == "ascending" else pc.greater(prev, nxt))
+            if len(undecided) == pairs:  # the first field: every pair, no indexing needed
+                before = less
+            else:
+                before[undecided[less]] = True
+        undecided = undecided[equal]
+    tied = np.zeros(pairs, dtype=bool)
+    tied[undecided] = True
+    return before, tied
+
+
+def bools(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A boolean Arrow result as a writable numpy array (unpacked from the bitmap)."""
+    return np.require(values.to_numpy(zero_copy_only=False), dtype=bool, requirements="W")

@@ -46,11 +46,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, sort_tuple, sort_tuple_at
+from lithify.data.key import ENTRY_SCHEMA, SORT_KEYS, neighbour_order, sort_tuple, sort_tuple_at
 from lithify.data.ranges import FULL_RANGE, RowRange
 from lithify.tablet.clock import TabletClock
 
-__all__ = ["InMemoryMap", "TabletClock", "each_column_once"]
+__all__ = ["InMemoryMap", "TabletClock"]
 
 _SEQ = "_seq"
 _ORD = "_ord"
@@ -259,7 +259,7 @@ def _presorted(table: pa.Table, lengths: np.ndarray) -> pa.Table | None:
     exempt); usually the adds arrived in order and the concatenation is the answer as it is.
     Otherwise the adds are ordered by their first keys in Python, for a bounded number of adds.
     """
-    before, _ = _neighbour_order(table, SORT_KEYS)
+    before, _ = neighbour_order(table, SORT_KEYS)
     if before.all():
         return table
     if len(lengths) > _MAX_REORDERED_ADDS:
@@ -288,52 +288,6 @@ def _disjoint_order(firsts: list[tuple], lasts: list[tuple]) -> list[int] | None
         if not lasts[a] < firsts[b]:
             return None
     return order
-
-
-def each_column_once(run: pa.Table) -> bool:
-    """Whether no two entries of a sorted run (ENTRY_SCHEMA) belong to the same column.
-
-    Then a flush's merge has nothing to resolve (no older versions, nothing a delete hides,
-    no duplicates) and would pass every entry through unchanged, so it can be skipped.
-    """
-    return not _neighbour_order(run, SORT_KEYS[: len(COLUMN_FIELDS)])[1].any()
-
-
-def _neighbour_order(table: pa.Table, keys: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """For each pair of neighbours (i, i + 1): whether entry i sorts strictly before entry
-    i + 1 on `keys` (sort keys as for `pc.sort_indices`), and whether the two are equal on all
-    of them.
-
-    Vectorised: neighbours are compared field by field, and a field is looked at only for the
-    pairs whose earlier fields are all equal (usually none after `row`), so the cost is about
-    two comparisons of the row column (1 ms per 100,000 entries).
-    """
-    pairs = max(table.num_rows - 1, 0)
-    before = np.zeros(pairs, dtype=bool)
-    undecided = np.arange(pairs)  # pairs equal on every field so far
-    for name, direction in keys:
-        if len(undecided) == 0:
-            break
-        col = table.column(name)
-        prev, nxt = col.slice(0, pairs), col.slice(1)
-        if len(undecided) < pairs:
-            index = pa.array(undecided)
-            prev, nxt = prev.take(index), nxt.take(index)
-        less = _bools(pc.less(prev, nxt) if direction == "ascending" else pc.greater(prev, nxt))
-        equal = _bools(pc.equal(prev, nxt))
-        if len(undecided) == pairs:  # the first field: every pair, no indexing needed
-            before, undecided = less, np.flatnonzero(equal)
-        else:
-            before[undecided[less]] = True
-            undecided = undecided[equal]
-    tied = np.zeros(pairs, dtype=bool)
-    tied[undecided] = True
-    return before, tied
-
-
-def _bools(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A boolean Arrow result as a writable numpy array (unpacked from the bitmap)."""
-    return np.require(values.to_numpy(zero_copy_only=False), dtype=bool, requirements="W")
 
 
 def _sort_keys(table: pa.Table, rows: np.ndarray) -> list[tuple]:

@@ -37,7 +37,7 @@ from lithify.metadata.store import MetadataStore, TabletMeta
 from lithify.table.properties import Properties
 from lithify.tablet.clock import TabletClock
 from lithify.tablet.log_manager import LogManager
-from lithify.tablet.memtable import InMemoryMap, each_column_once
+from lithify.tablet.memtable import InMemoryMap
 from lithify.tablet.wal import LogRecord
 
 log = logging.getLogger(__name__)
@@ -312,18 +312,11 @@ class Tablet:
             self._ctx.storage, path, compression=props["table.minc.compress.type"]
         )
         try:
-            run = frozen.sorted_table()
-            if each_column_once(run):
-                # Nothing for the merge to resolve (it would pass every entry through), and it
-                # cost a quarter of a flush's CPU. Common: ingest rarely rewrites a column
-                # between two flushes.
-                batches: Iterable[pa.RecordBatch] = run.to_batches()
-            else:
-                batches = merge_sorted(
-                    [run.to_batches()],
-                    versions=props.get_int("table.versions"),
-                    propagate_deletes=True,
-                )
+            batches = merge_sorted(
+                [frozen.sorted_table().to_batches()],
+                versions=props.get_int("table.versions"),
+                propagate_deletes=True,
+            )
             for batch in batches:
                 writer.write(batch)
             info = writer.close()
