@@ -148,6 +148,24 @@ def test_fast_lane_answers_like_the_routes(served: Served) -> None:
     assert e.value.status == 422
 
 
+def test_finished_over_http_answers_before_the_commit_ends(served: Served) -> None:
+    (m,) = served.tablets(1)
+    c = served.client
+    c.call("POST", "/v1/queues/plan", plan_body(m))
+    assert c.call("POST", "/v1/compactor/next", next_body("e1"))["job"] is not None
+    result = {"entries_read": 1, "entries_written": 0, "bytes_read": 10, "bytes_written": 0}
+    body = {"ecid": "e1", "compactor": "c1", "result": result}
+    assert c.call("POST", "/v1/compactor/finished", body) == {"ack": True}
+    assert c.call("POST", "/v1/compactor/finished", body) == {"ack": True}  # a repeat
+    assert served.core.drain_commits(30)
+    after = served.meta.get_tablet(m.extent)
+    assert after.compactions == {} and after.files == ()  # nothing written: inputs gone
+    assert served.meta.final_states() == [] and served.core.metrics().completed == 1
+    with pytest.raises(RpcError) as e:
+        c.call("POST", "/v1/compactor/finished", {"ecid": "e1", "compactor": "c1"})
+    assert e.value.status == 422 and isinstance(e.value.detail, list)
+
+
 def test_concurrent_compactors_drain_the_queue_once(served: Served) -> None:
     """Reservations asked at once are group-committed; each job still goes to one compactor
     and is recorded in the metadata before its compactor has it."""

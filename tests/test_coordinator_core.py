@@ -197,6 +197,12 @@ def compact_as_compactor(storage: Storage, job: dict[str, Any]) -> dict[str, int
     }
 
 
+def finish(core: CompactionCoordinator, ecid: str, compactor: str, result: dict[str, Any]) -> None:
+    """`finished`, then wait for its background commit (what the assertions look at)."""
+    core.finished(ecid, compactor, result)
+    assert core.drain_commits(30)
+
+
 def count_entries(storage: Storage, path: str) -> int:
     with SortedFileReader.open(storage, path) as r:
         return sum(b.num_rows for b in r.batches())
@@ -232,7 +238,7 @@ def test_plan_reserve_compact_commit(env: Env) -> None:
 
     result = compact_as_compactor(env.storage, job)
     assert result["entries_written"] == 15
-    core.finished("ecid-1", "c1", result)
+    finish(core, "ecid-1", "c1", result)
 
     after = tablet(env, m.extent)
     assert [f.path for f in after.files] == [job["output_path"]]
@@ -245,7 +251,7 @@ def test_plan_reserve_compact_commit(env: Env) -> None:
     assert core.metrics().completed == 1 and core.metrics().running == 0
 
     # A repeated report (the compactor never saw the answer) changes nothing.
-    core.finished("ecid-1", "c1", result)
+    finish(core, "ecid-1", "c1", result)
     assert tablet(env, m.extent) == after
     assert env.storage.exists(job["output_path"])
     assert core.metrics().completed == 1
@@ -257,11 +263,11 @@ def test_second_finished_after_restart_is_harmless(env: Env) -> None:
     plan_all(core, m)
     job = core.next_job("q", "c1", None, "e1")
     result = compact_as_compactor(env.storage, job)
-    core.finished("e1", "c1", result)
+    finish(core, "e1", "c1", result)
     after = tablet(env, m.extent)
     fresh = env.core(env.take_lease("http://coordinator-b"))
     fresh.rebuild()
-    fresh.finished("e1", "c1", result)
+    finish(fresh, "e1", "c1", result)
     assert tablet(env, m.extent) == after
     assert env.storage.exists(job["output_path"])
 
@@ -274,7 +280,7 @@ def test_partial_compaction_keeps_deletes_and_other_files(env: Env) -> None:
     job = core.next_job("q", "c1", None, "e1")
     assert job["propagate_deletes"] is True
     assert job["output_path"].rsplit("/", 1)[-1].startswith("C")
-    core.finished("e1", "c1", compact_as_compactor(env.storage, job))
+    finish(core, "e1", "c1", compact_as_compactor(env.storage, job))
     paths = {f.path for f in tablet(env, m.extent).files}
     assert paths == {f.path for f in m.files[2:]} | {job["output_path"]}
 
@@ -288,7 +294,7 @@ def test_empty_output_removes_the_inputs(env: Env) -> None:
     job = core.next_job("q", "c1", None, "e1")
     result = compact_as_compactor(env.storage, job)
     assert result["entries_written"] == 0
-    core.finished("e1", "c1", result)
+    finish(core, "e1", "c1", result)
     assert tablet(env, m.extent).files == ()
     assert not env.storage.exists(job["tmp_path"])
     assert not env.storage.exists(job["output_path"])
@@ -378,7 +384,7 @@ def test_user_compaction_job_and_selection_update(env: Env) -> None:
     assert job["iterators"] == [["lithify.compaction.iterators:AgeOffFilter", {"ttl": "5"}]]
     assert tablet(env, m.extent).compactions["e1"]["selection_id"] == "u1"
     job["iterators"] = []  # keep every entry for the count below (the filter is tested elsewhere)
-    core.finished("e1", "c1", compact_as_compactor(env.storage, job))
+    finish(core, "e1", "c1", compact_as_compactor(env.storage, job))
     after = tablet(env, m.extent)
     assert [f.path for f in after.files] == [job["output_path"]]
     assert after.selection is None  # one file written by the user compaction: done
@@ -454,7 +460,7 @@ def test_deposed_coordinator_cannot_commit_and_leaves_no_partial_state(env: Env)
     result = compact_as_compactor(env.storage, job)
     new_epoch = env.take_lease("http://coordinator-b")
     with pytest.raises(LeaseLostError):
-        old.finished("e1", "c1", result)
+        finish(old, "e1", "c1", result)
     assert env.meta.final_states() == []
     assert env.storage.exists(job["tmp_path"])
     assert not env.storage.exists(job["output_path"])
@@ -462,7 +468,7 @@ def test_deposed_coordinator_cannot_commit_and_leaves_no_partial_state(env: Env)
     # The compactor retries at the new coordinator, which adopted the record.
     new = env.core(new_epoch)
     assert new.rebuild().adopted == 1
-    new.finished("e1", "c1", result)
+    finish(new, "e1", "c1", result)
     assert [f.path for f in tablet(env, m.extent).files] == [job["output_path"]]
 
 
@@ -485,7 +491,7 @@ def test_crash_between_final_state_and_commit_commits_once(env: Env) -> None:
     assert after.compactions == {}
     assert env.meta.final_states() == []
     # The compactor's retried report, and a second rebuild, change nothing.
-    new.finished("e1", "c1", result)
+    finish(new, "e1", "c1", result)
     assert new.rebuild().committed == 0
     assert tablet(env, m.extent) == after
     assert count_entries(env.storage, job["output_path"]) == 15
@@ -511,7 +517,7 @@ def test_crash_after_commit_before_forgetting_keeps_the_output(env: Env) -> None
     job = old.next_job("q", "c1", None, "e1")
     result = compact_as_compactor(env.storage, job)
     data = old.record_final_state("e1", result)
-    old.finished("e1", "c1", result)
+    finish(old, "e1", "c1", result)
     after = tablet(env, m.extent)
     # As if the process died between the commit and delete_final_state.
     env.meta.put_final_state("e1", m.extent.table_id, m.extent, "FINISHED", data)
@@ -568,7 +574,7 @@ def test_dead_compactor_is_failed_and_its_files_freed(env: Env) -> None:
     assert core.next_job("q", "c2", "http://compactor-2", "e2") is not None
     # It was only partitioned away and finishes after all: its result is nobody's.
     result = compact_as_compactor(env.storage, job)
-    core.finished("e1", "c1", result)
+    finish(core, "e1", "c1", result)
     assert not env.storage.exists(job["tmp_path"])
     assert not env.storage.exists(job["output_path"])
     assert {f.path for f in tablet(env, m.extent).files} == {f.path for f in m.files}
@@ -614,7 +620,7 @@ def test_finished_after_the_record_vanished_deletes_the_output(env: Env) -> None
     job = core.next_job("q", "c1", None, "e1")
     result = compact_as_compactor(env.storage, job)
     env.meta.delete_table(tid)
-    core.finished("e1", "c1", result)
+    finish(core, "e1", "c1", result)
     assert not env.storage.exists(job["output_path"])
     assert not env.storage.exists(job["tmp_path"])
     assert env.meta.final_states() == []
@@ -637,7 +643,7 @@ def test_unknown_ecid_is_told_to_stop(env: Env) -> None:
     table_with_files(env)
     core = env.core()
     assert core.status("nobody-knows", "c9", "IN_PROGRESS") is True
-    core.finished("nobody-knows", "c9", {"entries_written": 5})  # harmless
+    finish(core, "nobody-knows", "c9", {"entries_written": 5})  # harmless
     core.failed("nobody-knows", "c9", "FAILED", "")
 
 
@@ -648,7 +654,7 @@ def test_unknown_but_recorded_ecid_is_adopted(env: Env) -> None:
     job = old.next_job("q", "c1", None, "e1")
     other = env.core()  # same epoch, no rebuild: knows nothing of e1
     assert other.status("e1", "c1", "IN_PROGRESS") is False
-    other.finished("e1", "c1", compact_as_compactor(env.storage, job))
+    finish(other, "e1", "c1", compact_as_compactor(env.storage, job))
     assert [f.path for f in tablet(env, m.extent).files] == [job["output_path"]]
 
 
@@ -672,8 +678,107 @@ def test_concurrent_finished_reports_commit_once(env: Env) -> None:
     for t in threads:
         t.join(30)
     assert errors == []
+    assert core.drain_commits(30)
     assert [f.path for f in tablet(env, m.extent).files] == [job["output_path"]]
     assert core.metrics().completed == 1
+
+
+def gate_commits(core: CompactionCoordinator, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold every background commit of `core` until the returned event is set."""
+    gate = threading.Event()
+    real = core._committer.commit
+
+    def held(ecid: str, extent: Extent, data: dict[str, Any]) -> str:
+        assert gate.wait(30)
+        return real(ecid, extent, data)
+
+    monkeypatch.setattr(core._committer, "commit", held)
+    return gate
+
+
+def test_finished_answers_once_the_final_state_is_recorded(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tid, (m,) = table_with_files(env)
+    core = env.core()
+    plan_all(core, m)
+    job = core.next_job("q", "c1", "http://compactor-1", "e1")
+    result = compact_as_compactor(env.storage, job)
+    gate = gate_commits(core, monkeypatch)
+    core.finished("e1", "c1", result)  # answered while the commit waits
+    assert [fs.ecid for fs in env.meta.final_states()] == ["e1"]
+    assert list(tablet(env, m.extent).compactions) == ["e1"]
+    # Pending: a repeated report changes nothing; the compactor's silence is not death, and
+    # neither a cancellation nor a late failure report undoes the decision.
+    core.finished("e1", "c1", result)
+    env.clock.advance(60.0)
+    assert core.check().dead == [] and env.asked == []
+    assert core.cancel(tid, None, None) == 0
+    core.failed("e1", "c1", "FAILED", "late")
+    assert (core.metrics().running, core.metrics().completed) == (1, 0)
+    assert core.running()[0]["state"] == "COMMITTING"
+    gate.set()
+    assert core.drain_commits(30)
+    after = tablet(env, m.extent)
+    assert [f.path for f in after.files] == [job["output_path"]] and after.compactions == {}
+    assert env.meta.final_states() == [] and env.refreshed == [m.extent]
+    metrics = core.metrics()
+    assert (metrics.running, metrics.completed, metrics.failed, metrics.cancelled) == (0, 1, 0, 0)
+
+
+def test_a_failed_background_commit_is_retried(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lithify.coordinator.commit.RETRY_MIN_S", 0.05)
+    _, (m,) = table_with_files(env)
+    core = env.core()
+    plan_all(core, m)
+    job = core.next_job("q", "c1", None, "e1")
+    real = core._committer.commit
+    failures = [OSError("storage hiccup")]
+
+    def flaky(ecid: str, extent: Extent, data: dict[str, Any]) -> str:
+        if failures:
+            raise failures.pop()
+        return real(ecid, extent, data)
+
+    monkeypatch.setattr(core._committer, "commit", flaky)
+    finish(core, "e1", "c1", compact_as_compactor(env.storage, job))
+    assert not failures
+    assert [f.path for f in tablet(env, m.extent).files] == [job["output_path"]]
+    assert env.meta.final_states() == [] and core.metrics().completed == 1
+
+
+def test_a_deposed_coordinators_pending_commit_is_left_to_its_successor(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, (m,) = table_with_files(env)
+    old = env.core()
+    plan_all(old, m)
+    job = old.next_job("q", "c1", None, "e1")
+    result = compact_as_compactor(env.storage, job)
+    gate = gate_commits(old, monkeypatch)
+    old.finished("e1", "c1", result)
+    new = env.core(env.take_lease("http://coordinator-b"))
+    gate.set()
+    assert old.drain_commits(30)
+    assert not old.active and old.metrics().completed == 0
+    assert [fs.ecid for fs in env.meta.final_states()] == ["e1"]  # fenced: no commit
+    assert list(tablet(env, m.extent).compactions) == ["e1"]
+    assert new.rebuild().committed == 1
+    assert [f.path for f in tablet(env, m.extent).files] == [job["output_path"]]
+    assert env.meta.final_states() == [] and tablet(env, m.extent).compactions == {}
+
+
+def test_close_lets_pending_commits_finish(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, (m,) = table_with_files(env)
+    core = env.core()
+    plan_all(core, m)
+    job = core.next_job("q", "c1", None, "e1")
+    gate = gate_commits(core, monkeypatch)
+    core.finished("e1", "c1", compact_as_compactor(env.storage, job))
+    threading.Timer(0.2, gate.set).start()
+    core.close()
+    assert [f.path for f in tablet(env, m.extent).files] == [job["output_path"]]
+    assert env.meta.final_states() == []
 
 
 def test_metrics_snapshot(env: Env) -> None:
@@ -787,7 +892,7 @@ def test_request_finishes_when_its_passes_commit(env: Env) -> None:
     m = tablet(env, m.extent)
     plan_all(core, m, kind="USER", priority=100)
     job = core.next_job("q", "c1", None, "e1")
-    core.finished("e1", "c1", compact_as_compactor(env.storage, job))
+    finish(core, "e1", "c1", compact_as_compactor(env.storage, job))
     st = core.request_status(rid)
     assert st["state"] == "FINISHED"
     p = st["progress"]

@@ -3,14 +3,18 @@
 `test_coordinator_core.py` runs the whole coordinator against a real metadata store; these tests
 pin the rules its parts decide alone: the configuration's defaults (one definition, in
 `lithify.table.properties`), the judgement of a vanished compaction, the final state's content,
-the commit's tablet mutation, and the bounded memory of ended compactions.
+the commit's tablet mutation, the bounded memory of ended compactions, and the queue of
+background commits.
 """
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from lithify.coordinator.commit import commit_mutation, final_state_data
+from lithify.coordinator import commit
+from lithify.coordinator.commit import BackgroundCommits, commit_mutation, final_state_data
 from lithify.coordinator.config import CoordinatorConfig
 from lithify.coordinator.phi import PhiAccrualDetector
 from lithify.coordinator.running import (
@@ -137,3 +141,45 @@ def test_commit_mutation_replaces_inputs_or_reports_a_vanished_record() -> None:
     new = commit_mutation("e1", out)(m)
     assert new is not None and set(new.files) == {f2, out} and "e1" not in new.compactions
     assert commit_mutation("e9", out)(m) is None
+
+
+def test_background_commits_retry_without_holding_up_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(commit, "RETRY_MIN_S", 0.3)
+    done: list[str] = []
+    failures = {"a": 2}
+
+    def run(item: str) -> bool:
+        if failures.get(item):
+            failures[item] -= 1
+            return False  # a passing error: again later
+        done.append(item)
+        return True
+
+    commits: BackgroundCommits[str] = BackgroundCommits(run)
+    assert commits.submit("a") and commits.submit("b") and commits.submit("c")
+    assert commits.drain(30)
+    assert done == ["b", "c", "a"]  # "a" waited for its retries behind nobody
+    assert commits.pending() == 0
+    assert commits.close(1.0)
+    assert not commits.submit("d")  # closed: left for a successor
+
+
+def test_background_commits_close_gives_up_after_its_timeout() -> None:
+    gate = threading.Event()
+    started = threading.Event()
+
+    def run(item: str) -> bool:
+        started.set()
+        gate.wait(30)
+        return True
+
+    commits: BackgroundCommits[str] = BackgroundCommits(run)
+    commits.submit("slow")
+    commits.submit("never")
+    assert started.wait(10)
+    assert commits.pending() == 2
+    assert not commits.close(0.1)  # "never" is dropped: its final state is a successor's
+    gate.set()
+    assert commits.drain(10) and commits.pending() == 0

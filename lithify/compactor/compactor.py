@@ -6,7 +6,8 @@ SYSTEM.md 5.5 and docs/EXTERNAL_COMPACTIONS.md say what a compactor owes the oth
 * Long-poll `/v1/compactor/next`; when idle (no job, or no coordinator), back off between
   `compactor.wait.time.job.min` and `.max` with jitter, doubling while idle; a job resets it.
 * While running, `/v1/compactor/status` every second: the heartbeat the coordinator's failure
-  detector listens to, and the way it says "cancel".
+  detector listens to, and the way it says "cancel". The reservation counts as the first sign
+  of life, so the first status goes one interval after the job began (a short job sends none).
 * The final report (`finished` or `failed`) is retried, re-reading the coordinator's address
   from its lease each time, until a coordinator acknowledges it: a result is never lost while
   coordinators fail over. Status reports continue meanwhile, so the compaction is not judged
@@ -16,15 +17,24 @@ SYSTEM.md 5.5 and docs/EXTERNAL_COMPACTIONS.md say what a compactor owes the oth
 
 The compaction itself is `run_compaction`, the same code internal executors run; the compactor
 writes only the temporary file, never renames and never touches metadata.
+
+Between two jobs the compactor is idle, so the calls there are kept cheap: the coordinator's
+address (its lease) is read at most once a second while calls succeed and again after any
+failure, the timing properties at most every few seconds, and the job requests go through one
+long-lived thread whose keep-alive connection serves job after job.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +58,11 @@ from lithify.units import format_size
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 1.0
+#: While calls to it succeed, the coordinator's address is taken from its lease at most this
+#: often (a failed call reads the lease again at once).
+LEASE_RECHECK_S = 1.0
+#: The timing properties (`Timing`) are read again at most this often.
+TIMING_RECHECK_S = 5.0
 #: Longest pause between two attempts at a final report.
 REPORT_MAX_DELAY_S = 10.0
 #: After a graceful stop began, how long past the grace final reports are still retried; then
@@ -57,7 +72,7 @@ STOP_REPORT_LIMIT_S = 30.0
 
 @dataclass(frozen=True)
 class Timing:
-    """The compactor's clocks, from system properties (read again before each request)."""
+    """The compactor's clocks, from system properties (read again every `TIMING_RECHECK_S`)."""
 
     wait_min_s: float
     wait_max_s: float
@@ -107,6 +122,36 @@ class _Job:
         self.read, self.written = read, written
 
 
+class _CallThread:
+    """One long-lived daemon thread that makes the job requests (`/v1/compactor/next`).
+
+    A long-poll runs off the job loop so that a stop need not wait it out; a thread per request
+    did that too, but each one opened a new connection to the coordinator (the client keeps one
+    per thread), a TCP handshake and a new server connection for every job. A daemon thread
+    also never holds up the process's exit.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="next-job", daemon=True)
+            self._thread.start()
+        fut: Future[Any] = Future()
+        self._calls.put((fn, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            fn, fut = self._calls.get()
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting job loop
+                fut.set_exception(e)
+
+
 class Compactor:
     """Runs compaction jobs of one external queue, one at a time, until `stop` is called."""
 
@@ -131,9 +176,13 @@ class Compactor:
         self._stopping = threading.Event()
         self._stop_time = 0.0
         self._clients: dict[str, RpcClient] = {}
+        self._url: str | None = None
+        self._url_read_at = 0.0
+        self._calls = _CallThread()
         self._job: _Job | None = None
         self._timing = Timing(1.0, 300.0, 30.0)  # the defaults, until the properties are read
         self._timing = self._read_timing()
+        self._timing_read_at = time.monotonic()
         self.completed = 0
         self.failed = 0
         self.cancelled = 0
@@ -192,13 +241,23 @@ class Compactor:
 
     # -- the coordinator ----------------------------------------------------------------------
 
+    def _refresh_timing(self) -> None:
+        """Read the timing properties again when the last read is `TIMING_RECHECK_S` old."""
+        if time.monotonic() - self._timing_read_at >= TIMING_RECHECK_S:
+            self._timing = self._read_timing()
+            self._timing_read_at = time.monotonic()
+
     def _coordinator(self) -> RpcClient | None:
-        """A client for the coordinator that holds the lease now (None: nobody does)."""
-        try:
-            url, _ = lease_holder(self._meta, COORDINATOR_LEASE)
-        except Exception as e:
-            log.warning("cannot read the coordinator lease: %s", e)
-            return None
+        """A client for the coordinator that holds the lease (None: nobody does), read from the
+        lease unless it was read less than `LEASE_RECHECK_S` ago and no call failed since."""
+        url = self._url
+        if url is None or time.monotonic() - self._url_read_at >= LEASE_RECHECK_S:
+            try:
+                url, _ = lease_holder(self._meta, COORDINATOR_LEASE)
+            except Exception as e:
+                log.warning("cannot read the coordinator lease: %s", e)
+                return None
+            self._url, self._url_read_at = url, time.monotonic()
         if url is None:
             return None
         client = self._clients.get(url)
@@ -211,13 +270,17 @@ class Compactor:
             self._clients[url] = client
         return client
 
+    def _forget_coordinator(self) -> None:
+        """A call failed: the next one reads the lease again (another coordinator may hold it)."""
+        self._url = None
+
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> None:
         """Ask for work and do it until `stop`; returns once the last job is reported."""
         backoff = self._timing.wait_min_s
         while not self._stopping.is_set():
-            self._timing = self._read_timing()
+            self._refresh_timing()
             ecid = uuid.uuid4().hex
             job = self._next_job(ecid)
             if self._stopping.is_set() and job is None:
@@ -236,7 +299,8 @@ class Compactor:
     def _next_job(self, ecid: str) -> dict[str, Any] | None:
         """Long-poll for a job reserved under `ecid`; None when there is none (or no answer).
 
-        The call runs in a helper thread so that a stop request does not wait out the poll.
+        The call runs on the job-request thread so that a stop request does not wait out the
+        poll.
         """
         client = self._coordinator()
         if client is None:
@@ -249,23 +313,14 @@ class Compactor:
             "ecid": ecid,
             "wait_s": self._poll_wait_s,
         }
-        box: dict[str, Any] = {}
-
-        def poll() -> None:
-            try:
-                box["reply"] = client.call(
-                    "POST", "/v1/compactor/next", body, timeout=self._poll_wait_s + 15.0
-                )
-            except RpcError as e:
-                box["error"] = e
-            finally:
-                client.close()  # this thread's connection; the thread ends now
-
-        t = threading.Thread(target=poll, name="next-job", daemon=True)
-        t.start()
-        while t.is_alive() and not self._stopping.is_set():
-            t.join(0.2)
-        if t.is_alive():
+        fut = self._calls.submit(
+            lambda: client.call(
+                "POST", "/v1/compactor/next", body, timeout=self._poll_wait_s + 15.0
+            )
+        )
+        while not fut.done() and not self._stopping.is_set():
+            wait_futures([fut], timeout=0.2)
+        if not fut.done():
             # Stopping while the poll waits: a job may still be reserved for this ECID. Say it
             # is cancelled so it runs elsewhere at once (best effort: unanswered, the
             # coordinator finds out when it asks /v1/running).
@@ -279,10 +334,12 @@ class Compactor:
                 },
             )
             return None
-        if "error" in box:
-            log.info("asking %s for work failed: %s", client.base_url, box["error"])
+        try:
+            reply = fut.result()
+        except Exception as e:  # noqa: BLE001 - no answer is no job; the loop backs off
+            self._forget_coordinator()
+            log.info("asking %s for work failed: %s", client.base_url, e)
             return None
-        reply = box.get("reply")
         job = reply.get("job") if isinstance(reply, dict) else None
         if job is not None and job.get("ecid", ecid) != ecid:
             log.error("the coordinator answered ECID %s with a job for %s", ecid, job.get("ecid"))
@@ -296,6 +353,7 @@ class Compactor:
         try:
             return client.call("POST", path, body, timeout=timeout)
         except RpcError as e:
+            self._forget_coordinator()
             log.debug("%s failed: %s", path, e)
             return None
 
@@ -374,9 +432,13 @@ class Compactor:
         }
 
     def _heartbeat(self, job: _Job) -> None:
-        """Status every second until the final report is acknowledged; applies the grace."""
+        """Status every second until the final report is acknowledged; applies the grace.
+
+        The first one goes after one interval: the coordinator heard of this job when it
+        reserved it, and a short job is done before it needs a heartbeat.
+        """
         state = "STARTED"
-        while True:
+        while not job.reported.wait(STATUS_INTERVAL_S):
             grace_over = time.monotonic() - self._stop_time >= self._timing.cancel_grace_s
             if self._stopping.is_set() and grace_over and not job.cancel.is_set():
                 log.warning(
@@ -399,8 +461,6 @@ class Compactor:
                 if reply.get("cancel") and not job.cancel.is_set():
                     log.info("the coordinator cancelled %s", job.ecid)
                     job.cancel.set()
-            if job.reported.wait(STATUS_INTERVAL_S):
-                return
 
     def _report(self, job: _Job, path: str, body: dict[str, Any]) -> bool:
         """Send the final report until a coordinator acknowledges it; True once it did.
@@ -418,6 +478,7 @@ class Compactor:
                 try:
                     reply = client.call("POST", path, body, timeout=60.0)
                 except RpcError as e:
+                    self._forget_coordinator()
                     why = str(e)
                 else:
                     if not (isinstance(reply, dict) and reply.get("ack") is False):
@@ -429,6 +490,7 @@ class Compactor:
                                 attempt,
                             )
                         return True
+                    self._forget_coordinator()
                     why = f"not acknowledged: {reply}"
             if self._stopping.is_set():
                 limit = self._timing.cancel_grace_s + STOP_REPORT_LIMIT_S

@@ -15,13 +15,21 @@ record removed, so that its files become candidates again.
 `Committer` does the I/O of these steps and nothing else: which compaction is running, and the
 locking around a report, belong to the coordinator (`core.py`). The tablet mutations are plain
 functions (`commit_mutation`) and so is the final state's content (`final_state_data`).
+
+Step 1 is the durable decision (SYSTEM.md 5.5): once it is written the compaction commits, by
+this coordinator or, after a crash, by the next one. So the coordinator answers the compactor
+right after it, and `BackgroundCommits` runs steps 2-4 on a thread of its own.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from lithify.data.ranges import Extent, FileRef
 from lithify.errors import TableNotFoundError
@@ -39,6 +47,10 @@ COMMITTED = "committed"
 DROPPED = "dropped"
 
 _RESULT_KEYS = ("entries_read", "entries_written", "bytes_read", "bytes_written")
+
+#: A background commit that failed is tried again after this long, doubling up to the maximum.
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 10.0
 
 #: Runs a fenced metadata write: deposes the coordinator when the write raised LeaseLostError.
 Guard = Callable[[Callable[[], T]], T]
@@ -212,3 +224,87 @@ class Committer:
         except TableNotFoundError:
             return False
         return any(f.path == path for m in tablets for f in m.files)
+
+
+class BackgroundCommits(Generic[T]):
+    """Commits that run after the compactor got its answer: one worker thread, a bounded queue.
+
+    Why: steps 2-4 of a commit (rename, the tablet's update, forgetting the final state, the
+    refresh) took a few milliseconds during which the compactor waited for its answer before it
+    asked for its next job. They are repeatable and a successor finishes them from the final
+    state, so nothing needs them done before the answer.
+
+    `commit(item)` does one; it returns True when the item is done (committed, or given up for
+    a successor to finish), False to have it tried again after a backoff (a passing database or
+    storage error). A retried item waits in the queue without holding up the others. `submit`
+    blocks while `maxsize` items wait, which slows reports down instead of growing memory.
+    """
+
+    def __init__(self, commit: Callable[[T], bool], *, maxsize: int = 1024) -> None:
+        self._commit = commit
+        self._maxsize = maxsize
+        self._cv = threading.Condition()
+        #: (due time, sequence, item, delay of the next retry): the first one due runs next.
+        self._heap: list[tuple[float, int, T, float]] = []
+        self._seq = itertools.count()
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, item: T) -> bool:
+        """Queue `item`; False (dropped) once closed: its final state waits for a successor."""
+        with self._cv:
+            while len(self._heap) >= self._maxsize and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return False
+            if self._thread is None:  # started by the first commit: most cores never commit
+                self._thread = threading.Thread(target=self._run, name="committer", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (time.monotonic(), next(self._seq), item, RETRY_MIN_S))
+            self._cv.notify_all()
+        return True
+
+    def pending(self) -> int:
+        """Items queued or running."""
+        with self._cv:
+            return len(self._heap) + self._busy
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted item is done; False when `timeout` passed first."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._heap and not self._busy, timeout)
+
+    def close(self, timeout: float) -> bool:
+        """Let the queued items run for up to `timeout`, then stop (what is left stays for a
+        successor); returns whether everything was done."""
+        drained = self.drain(timeout)
+        with self._cv:
+            self._closed = True
+            self._heap.clear()
+            self._cv.notify_all()
+        return drained
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._cv.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._closed:
+                    return
+                _, _, item, delay = heapq.heappop(self._heap)
+                self._busy = True
+                self._cv.notify_all()  # room in the queue
+            done = False
+            try:
+                done = self._commit(item)
+            except BaseException:  # noqa: BLE001 - the worker must live on; `commit` logs
+                log.exception("background commit failed")
+            with self._cv:
+                self._busy = False
+                if not done and not self._closed:
+                    due = time.monotonic() + delay
+                    heapq.heappush(
+                        self._heap, (due, next(self._seq), item, min(RETRY_MAX_S, delay * 2))
+                    )
+                self._cv.notify_all()

@@ -41,7 +41,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lithify.coordinator.commit import COMMITTED, Committer, Refresh, final_state_data
+from lithify.coordinator.commit import (
+    COMMITTED,
+    BackgroundCommits,
+    Committer,
+    Refresh,
+    final_state_data,
+)
 from lithify.coordinator.config import CoordinatorConfig
 from lithify.coordinator.phi import PhiAccrualDetector
 from lithify.coordinator.queues import (
@@ -67,7 +73,6 @@ from lithify.coordinator.reserve import (
 from lithify.coordinator.running import (
     CANCELLING,
     COMMITTING,
-    RUNNING,
     AskCompactor,
     RunningCompaction,
     RunningSet,
@@ -106,6 +111,8 @@ log = logging.getLogger(__name__)
 LEASE_NAME = "coordinator"
 
 _ECID_LOCK_STRIPES = 64
+#: How long `close` lets queued background commits run; what is left a successor commits.
+_CLOSE_DRAIN_S = 5.0
 
 
 class NotActiveError(LithifyError):
@@ -185,6 +192,9 @@ class CompactionCoordinator:
         self._deposed = False
         self._closed = False
         self._committer = Committer(meta, storage, self.fence, self._fenced, refresh)
+        self._commits: BackgroundCommits[tuple[RunningCompaction, dict[str, Any]]] = (
+            BackgroundCommits(self._commit_one)
+        )
         props = TablePropsCache(meta, clock, self.config.table_props_ttl_s)
         self._reserver = Reserver(meta, self.fence, self._fenced, props)
         self._requests = AsyncRequests(
@@ -205,8 +215,17 @@ class CompactionCoordinator:
         self._deposed = True
 
     def close(self) -> None:
+        """Stop serving; queued commits get `_CLOSE_DRAIN_S` (this coordinator still holds
+        its lease while it closes), and whatever is left a successor's `rebuild` commits."""
         self._closed = True
         self._requests.close()
+        if not self._commits.close(_CLOSE_DRAIN_S):
+            log.warning("closing with commits pending; the next coordinator finishes them")
+
+    def drain_commits(self, timeout: float | None = None) -> bool:
+        """Wait until the background commits of the `finished` reports so far are done (tests,
+        and `close`); False when `timeout` passed first."""
+        return self._commits.drain(timeout)
 
     def add_listener(self, fn: Callable[[Mapping[str, int]], None]) -> None:
         """Call `fn({queue: jobs_added})` after jobs are queued (the app wakes long-polls)."""
@@ -445,10 +464,17 @@ class CompactionCoordinator:
         return run is None
 
     def finished(self, ecid: str, compactor: str, result: Mapping[str, Any]) -> None:
-        """Commit a finished compaction: final state, rename, commit, forget (all repeatable).
+        """Record the final state of a finished compaction, then commit it in the background.
 
-        A report for an ECID that is neither running nor recorded (a repeat after the commit,
-        or a compaction cancelled meanwhile) changes nothing.
+        Returns once the final state is written: that is the durable decision (SYSTEM.md 5.5),
+        so the compactor may go on to its next job. The rest of the commit (rename, commit,
+        forget; all repeatable) runs on the background committer (`_commit_one`), and a
+        successor's `rebuild` finishes it if this coordinator dies first. Until then the
+        compaction stays in the running set as COMMITTING, which failure detection and
+        cancellation leave alone (its compactor no longer reports on it).
+
+        A report for an ECID that is committing already, or neither running nor recorded (a
+        repeat after the commit, or a compaction cancelled meanwhile), changes nothing.
         """
         self._check_active()
         with self._ecid_lock(ecid):
@@ -457,28 +483,49 @@ class CompactionCoordinator:
                 log.debug("finished report for unknown ECID %s: nothing to do", ecid)
                 return
             with self._lock:
-                run.state = COMMITTING
+                if run.state == COMMITTING:
+                    return  # a repeated report: the final state is written, the commit queued
+                before, run.state = run.state, COMMITTING
             try:
                 data = self._put_final_state(run, result)
-                outcome = self._committer.commit(ecid, run.extent, data)
             except BaseException:
                 with self._lock:
-                    if run.state == COMMITTING:
-                        run.state = RUNNING
+                    run.state = before
                 raise
-            with self._lock:
-                self._running.end(ecid)
-                self._counts["completed" if outcome == COMMITTED else "cancelled"] += 1
-                if outcome == COMMITTED and run.kind == "USER" and run.selection_id:
-                    self._requests.count_pass(run.selection_id, data)
+        if not self._commits.submit((run, data)):
+            log.info("compaction %s: closing; its final state waits for the next coordinator", ecid)
+
+    def _commit_one(self, item: tuple[RunningCompaction, dict[str, Any]]) -> bool:
+        """The background commit of a recorded final state, and its bookkeeping.
+
+        Returns False to be tried again later (a passing error); True when done, or when it is
+        a successor's to finish (deposed: the fenced writes fail; closed: no retries).
+        """
+        run, data = item
+        if self._deposed:
+            return True
+        try:
+            outcome = self._committer.commit(run.ecid, run.extent, data)
+        except LeaseLostError:
+            log.warning("compaction %s: deposed before its commit; left to the successor", run.ecid)
+            return True
+        except Exception:
+            log.exception("commit of compaction %s of %s failed", run.ecid, run.extent)
+            return self._closed
+        with self._lock:
+            self._running.end(run.ecid)
+            self._counts["completed" if outcome == COMMITTED else "cancelled"] += 1
+            if outcome == COMMITTED and run.kind == "USER" and run.selection_id:
+                self._requests.count_pass(run.selection_id, data)
+        return True
 
     def failed(self, ecid: str, compactor: str, state: str = "FAILED", error: str = "") -> None:
         """A compaction failed or was cancelled: delete its temporary file, release its files."""
         self._check_active()
         with self._ecid_lock(ecid):
             run = self._report_target(ecid, compactor)
-            if run is None:
-                return
+            if run is None or run.state == COMMITTING:
+                return  # ended, or finished already: its recorded final state decides
             cancelled = state == "CANCELLED" or run.state == CANCELLING
             if error:
                 log.info("compaction %s of %s %s: %s", ecid, run.extent, state.lower(), error)
