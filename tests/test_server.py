@@ -669,7 +669,8 @@ def test_a_finished_result_waits_for_a_coordinator(cluster: LocalCluster):
         60,
         "the result to be acknowledged and committed",
     )
-    # The coordinator commits before it answers, so the compactor's log may lag a little.
+    # The commit (in the coordinator's background) and the compactor's log of the answer
+    # race: either may come first.
     cluster.wait_for(
         lambda: "acknowledged after" in cluster.log("compactor-1"), 30, "the acknowledgement"
     )

@@ -41,6 +41,8 @@ WATCH_INTERVAL_S = 1.0
 #: holds its lease but does not answer would otherwise cause one every watch interval).
 REPLAN_MIN_INTERVAL_S = 5.0
 PLAN_TIMEOUT_S = 10.0
+#: Least time between two reads of the lease by the plan sender while no coordinator is known.
+LEASE_RELOOK_S = 0.1
 CANCEL_TIMEOUT_S = 5.0
 _LOG_INTERVAL_S = 30.0
 
@@ -85,6 +87,7 @@ class CoordinatorLink:
         #: A plan was dropped since the coordinator last answered: re-plan when it is back.
         self._dropped = False
         self._last_replan = 0.0
+        self._lease_looked = 0.0
         self._replan_all: Callable[[], None] = lambda: None
         self._resync: Callable[[], None] = lambda: None
         self._resync_every: Callable[[], float] = lambda: 30.0
@@ -169,6 +172,13 @@ class CoordinatorLink:
         if not isinstance(extent, Extent):
             return
         client = self._client()
+        if client is None and jobs and time.monotonic() - self._lease_looked >= LEASE_RELOOK_S:
+            # The watcher may not have looked since a coordinator took the lease (the server
+            # or the coordinator just started): look now rather than drop the plan until the
+            # watcher's next round (measured: the first jobs of a fresh cluster started 0.3 to
+            # 0.8 s late).
+            self._lease_looked = time.monotonic()
+            client = self._client(self._read_lease()[0])
         if client is None:
             if jobs:
                 self._drop(f"no coordinator holds the {COORDINATOR_LEASE!r} lease")
