@@ -174,10 +174,12 @@ class LocalCluster:
         compactors: int = 1,
         system_properties: Mapping[str, str] | None = None,
         external_only: bool = False,
+        compactor_threads: int | None = None,
     ) -> LocalCluster:
         """Initialise the instance and start its processes at once, waiting until each answers.
 
-        `external_only` sends every compaction of the default service to the external queue.
+        `external_only` sends every compaction of the default service to the external queue;
+        `compactor_threads` is each compactor's `--threads` (None: the compactor's default).
         """
         props = dict(system_properties or {})
         if external_only:
@@ -187,7 +189,8 @@ class LocalCluster:
             )
         self.init(props)
         kinds = ["tserver"] * tserver + ["coordinator"] * coordinators + ["compactor"] * compactors
-        spawned = [self._spawn(kind) for kind in kinds]
+        threads = [] if compactor_threads is None else ["--threads", str(compactor_threads)]
+        spawned = [self._spawn(kind, threads if kind == "compactor" else None) for kind in kinds]
         for sp in spawned:
             self._ready(sp)
         return self

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from lithify.compaction import compactor_job
 from lithify.compaction.compactor_job import CompactionRequest, run_compaction
 from lithify.data.key import ENTRY_SCHEMA
 from lithify.data.ranges import FileRef, RowRange
@@ -112,6 +114,30 @@ def test_subcompactions_split_the_work(files) -> None:
     assert read_output(storage, res1.tmp_path) == read_output(storage, res4.tmp_path)
     with SortedFileReader.open(storage, res4.tmp_path) as r:
         assert r.num_row_groups >= 4
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="read-ahead needs a spare core")
+def test_one_thread_reads_inputs_in_its_own_thread(files, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`subcompactions` is the threads a compaction may use: with 1 (a compactor given its
+    share of a host) no read-ahead threads start; with more, one part reads its inputs ahead."""
+    storage, refs, _ = files
+    started: list[int] = []
+    real_init = compactor_job._ReadAhead.__init__
+
+    def counting_init(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        started.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(compactor_job._ReadAhead, "__init__", counting_init)
+    one = run_compaction(storage, request(refs, "t1", subcompactions=1))
+    assert started == []
+    many = run_compaction(
+        storage, request(refs, "t2", subcompactions=2, min_subcompaction_entries=10**9)
+    )
+    assert len(started) == len(refs)  # one part, two threads allowed: each input read ahead
+    assert read_output(storage, one.tmp_path) == read_output(storage, many.tmp_path)
+    storage.delete(one.tmp_path)
+    storage.delete(many.tmp_path)
 
 
 def test_fences_and_extent(files) -> None:

@@ -104,6 +104,8 @@ def test_request_from_job_checks_the_job():
     assert req.extent_range == RowRange(b"a", None)
     assert req.versions == 3 and req.tmp_id == "e1" and not req.propagate_deletes
     assert list(req.iterators) == [("m:C", {"k": "v"})]
+    assert req.subcompactions == (os.cpu_count() or 1)  # a compactor without --threads
+    assert request_from_job(job, "e1", threads=1).subcompactions == 1
     with pytest.raises(LithifyError, match="tmp_path"):
         request_from_job({**job, "tmp_path": "elsewhere"}, "e1")
     with pytest.raises(LithifyError, match="malformed"):

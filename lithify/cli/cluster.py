@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import click
@@ -59,8 +60,13 @@ def start_cluster(
     queue: str,
     metadata_url: str | None,
     ready_timeout_s: float = 60.0,
+    compactor_threads: int | None = None,
 ) -> list[launcher.ProcessRecord]:
-    """Initialise the instance and start its processes; on any failure, stop what started."""
+    """Initialise the instance and start its processes; on any failure, stop what started.
+
+    Each compactor may use `compactor_threads` threads per compaction; by default the host's
+    cores are shared out among the compactors (at least one each), since they all run here.
+    """
     running = [r for r in launcher.read_records(directory) if launcher.is_alive(r)]
     if running:
         names = ", ".join(r.name for r in running)
@@ -80,8 +86,13 @@ def start_cluster(
         (f"coordinator-{i}", "coordinator", ["compaction-coordinator", *common])
         for i in range(1, coordinators + 1)
     ]
+    threads = compactor_threads or max(1, (os.cpu_count() or 1) // max(1, compactors))
     plan += [
-        (f"compactor-{i}", "compactor", ["compactor", "-q", queue, *common])
+        (
+            f"compactor-{i}",
+            "compactor",
+            ["compactor", "-q", queue, *common, "--threads", str(threads)],
+        )
         for i in range(1, compactors + 1)
     ]
     # Start everything at once (each takes seconds to import and open the store), then wait
@@ -115,6 +126,13 @@ def cluster() -> None:
     help="Coordinator processes (one active, the others standing by).",
 )
 @click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help="The compactors' queue.")
+@click.option(
+    "--compactor-threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads one compaction may use in each compactor [default: the cores divided among "
+    "the compactors].",
+)
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait per process.")
 @METADATA_OPTION
 def start(
@@ -122,6 +140,7 @@ def start(
     compactors: int,
     coordinators: int,
     queue: str,
+    compactor_threads: int | None,
     timeout: float,
     metadata_url: str | None,
 ) -> None:
@@ -144,6 +163,7 @@ def start(
             queue=queue,
             metadata_url=metadata_url,
             ready_timeout_s=timeout,
+            compactor_threads=compactor_threads,
         )
     except LithifyError as e:
         raise click.ClickException(str(e)) from None

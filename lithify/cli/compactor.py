@@ -28,6 +28,14 @@ from lithify.cli.main import METADATA_OPTION
     show_default=True,
     help="Seconds one request for work may wait at the coordinator (long-poll).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads one compaction may use (subcompactions and input read-ahead) [default: every "
+    "core]. On a host running several compactors give each its share of the cores: threads "
+    "beyond it only contend with the other compactors.",
+)
 @click.option("--announce", default=None, hidden=True, help="Write {url, pid} here once serving.")
 def compactor(
     queue: str,
@@ -37,6 +45,7 @@ def compactor(
     port: int,
     compactor_id: str | None,
     poll_wait: float,
+    threads: int | None,
     announce: str | None,
 ) -> None:
     """Run compaction jobs of external queue QUEUE, one at a time.
@@ -58,5 +67,6 @@ def compactor(
             compactor_id=compactor_id,
             announce_file=announce,
             poll_wait_s=poll_wait,
+            threads=threads,
         )
     )

@@ -72,6 +72,10 @@ class CompactionRequest:
     iterators: Sequence[tuple[str, Mapping[str, str]]] = ()
     compression: str = DEFAULT_COMPRESSION
     compression_level: int | None = None
+    #: Threads this compaction may keep busy: at most this many key-range subcompactions, and
+    #: inputs are read ahead by threads of their own only while there are fewer parts than
+    #: this (and than the cores). A process that shares the host with other compactions (a
+    #: compactor among several) gives its share of the cores here.
     subcompactions: int = field(default_factory=lambda: os.cpu_count() or 1)
     #: A compaction smaller than this per subcompaction is not split further.
     min_subcompaction_entries: int = 250_000
@@ -287,7 +291,7 @@ def _run_subcompaction(
 ) -> None:
     readers: list[SortedFileReader] = []
     feeds: list[_ReadAhead | _Counted] = []
-    read_ahead = len(writer.parts) < (os.cpu_count() or 1)
+    read_ahead = len(writer.parts) < min(req.subcompactions, os.cpu_count() or 1)
     try:
         for f, clip in zip(req.inputs, clips, strict=True):
             part = clip.intersect(rng)

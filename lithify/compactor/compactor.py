@@ -79,8 +79,11 @@ class Timing:
     cancel_grace_s: float
 
 
-def request_from_job(job: dict[str, Any], ecid: str) -> CompactionRequest:
-    """The compaction a job describes; LithifyError when the job is malformed."""
+def request_from_job(
+    job: dict[str, Any], ecid: str, threads: int | None = None
+) -> CompactionRequest:
+    """The compaction a job describes, to run on at most `threads` threads (None: the cores);
+    LithifyError when the job is malformed."""
     try:
         extent = extent_from_json(job["extent"])
         output = str(job["output_path"])
@@ -101,6 +104,7 @@ def request_from_job(job: dict[str, Any], ecid: str) -> CompactionRequest:
                 for c, o in job.get("iterators") or ()
             ],
             compression=str(job.get("compression") or DEFAULT_COMPRESSION),
+            **({} if threads is None else {"subcompactions": threads}),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise LithifyError(f"job {ecid} is malformed: {e!r}") from None
@@ -165,8 +169,13 @@ class Compactor:
         compactor_id: str,
         address: str,
         poll_wait_s: float = 30.0,
+        threads: int | None = None,
     ) -> None:
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self._meta = meta
+        #: Threads one compaction may use (None: every core); see `CompactionRequest`.
+        self.threads = threads
         self._storage = storage
         self._secret = secret
         self.queue = queue
@@ -377,7 +386,7 @@ class Compactor:
         ecid = job.ecid
         where = f"e.{self.queue}"
         try:
-            request = request_from_job(job.job, ecid)
+            request = request_from_job(job.job, ecid, self.threads)
             names = [f.path.rsplit("/", 1)[-1] for f in request.inputs]
             log.info(
                 "Compacting %s on %s for %s from %s size %s ecid %s",

@@ -94,6 +94,7 @@ def run_compactor(
     compactor_id: str | None = None,
     announce_file: str | os.PathLike | None = None,
     poll_wait_s: float = 30.0,
+    threads: int | None = None,
 ) -> int:
     """Run a compactor for `queue` until stopped; returns the process exit status."""
     meta = open_metadata(directory, metadata_url)
@@ -110,6 +111,7 @@ def run_compactor(
             compactor_id=cid,
             address=url,
             poll_wait_s=poll_wait_s,
+            threads=threads,
         )
         signals = threading.Event()
 
