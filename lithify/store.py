@@ -121,7 +121,7 @@ class Store:
 
     def _start(self, metadata_url: str | None, external_sink: ExternalSink | None) -> None:
         """Everything `__init__` does once the store's lock is held (undone by `_abandon`)."""
-        self.meta = MetadataStore.open(metadata_url_of(self.path, metadata_url))
+        self.meta = MetadataStore.open_in(self.path, metadata_url)
         self.storage = Storage(str(self.path / "data"))
         self.in_use = FilesInUse()
         self._lock = threading.RLock()
@@ -844,11 +844,6 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def metadata_url_of(path: Path, metadata_url: str | None) -> str:
-    """The metadata store of the store at `path`: `metadata_url`, or SQLite beside the data."""
-    return metadata_url or f"sqlite:///{path / 'metadata.db'}"
 
 
 def write_system_property(meta: MetadataStore, name: str, value: str | None) -> None:

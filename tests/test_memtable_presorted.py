@@ -39,43 +39,41 @@ def _read(m: InMemoryMap) -> tuple[list[Entry], int, int]:
     return out, m.sort_count - sorts, m.presorted_count - presorted
 
 
+def _read_adds(adds: list[tuple[list[Entry], int]]) -> tuple[list[Entry], int, int]:
+    """`_read` of a fresh map given `adds` (rows, sequence number) in that order."""
+    m = InMemoryMap()
+    for rows, seq in adds:
+        m.add(table_of(rows), seq)
+    return _read(m)
+
+
 # -- which path runs ---------------------------------------------------------------------------
 
 
 def test_sorted_disjoint_adds_skip_the_sort_in_any_arrival_order() -> None:
     chunks = [[_entry(b"r%03d" % i) for i in range(k * 10, k * 10 + 10)] for k in range(3)]
     adds = [(chunks[1], 1), (chunks[0], 2), (chunks[2], 3)]
-    m = InMemoryMap()
-    for rows, seq in adds:
-        m.add(table_of(rows), seq)
-    out, sorts, presorted = _read(m)
+    out, sorts, presorted = _read_adds(adds)
     assert out == reference(adds)
     assert (sorts, presorted) == (1, 1)
 
 
 def test_overlapping_sorted_adds_take_the_sort() -> None:
     adds = [([_entry(b"a"), _entry(b"c")], 1), ([_entry(b"b"), _entry(b"d")], 2)]
-    m = InMemoryMap()
-    for rows, seq in adds:
-        m.add(table_of(rows), seq)
-    out, sorts, presorted = _read(m)
+    out, sorts, presorted = _read_adds(adds)
     assert out == reference(adds)
     assert (sorts, presorted) == (1, 0)
 
 
 def test_an_unsorted_add_takes_the_sort() -> None:
     adds = [([_entry(b"b"), _entry(b"a")], 1)]
-    m = InMemoryMap()
-    m.add(table_of(adds[0][0]), 1)
-    out, _, presorted = _read(m)
+    out, _, presorted = _read_adds(adds)
     assert out == reference(adds) and presorted == 0
 
 
 def test_identical_keys_within_an_add_take_the_sort_and_the_later_row_wins() -> None:
     rows = [_entry(b"a"), _entry(b"k", value=b"first"), _entry(b"k", value=b"second")]
-    m = InMemoryMap()
-    m.add(table_of(rows), 1)
-    out, _, presorted = _read(m)
+    out, _, presorted = _read_adds([(rows, 1)])
     assert presorted == 0
     assert out == reference([(rows, 1)])
     assert [e[6] for e in out if e[0] == b"k"] == [b"second", b"first"]
@@ -84,10 +82,7 @@ def test_identical_keys_within_an_add_take_the_sort_and_the_later_row_wins() -> 
 def test_identical_key_across_adds_takes_the_sort_and_the_higher_seq_wins() -> None:
     older = [_entry(b"a"), _entry(b"k", value=b"old")]
     newer = [_entry(b"k", value=b"new"), _entry(b"z")]
-    m = InMemoryMap()
-    m.add(table_of(older), 1)
-    m.add(table_of(newer), 2)
-    out, _, presorted = _read(m)
+    out, _, presorted = _read_adds([(older, 1), (newer, 2)])
     assert presorted == 0
     assert [e[6] for e in out if e[0] == b"k"] == [b"new", b"old"]
 
@@ -96,9 +91,7 @@ def test_versions_of_one_column_are_sorted_by_timestamp_then_delete_first() -> N
     in_order = [_entry(b"k", ts=9), _entry(b"k", ts=5, deleted=True), _entry(b"k", ts=5)]
     assert strictly_increasing(table_of(in_order))
     assert not strictly_increasing(table_of(in_order[::-1]))
-    m = InMemoryMap()
-    m.add(table_of(in_order), 1)
-    out, _, presorted = _read(m)
+    out, _, presorted = _read_adds([(in_order, 1)])
     assert presorted == 1 and out == in_order
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -14,7 +13,7 @@ from lithify.cli.main import METADATA_OPTION, STORE_OPTION
 from lithify.data.mutation import Mutation
 from lithify.errors import LithifyError
 from lithify.metadata.store import MetadataStore
-from lithify.store import metadata_url_of, write_system_property
+from lithify.store import write_system_property
 
 
 def with_store(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -115,7 +114,7 @@ def config(
 def _config_offline(
     store_dir: str, metadata_url: str | None, name: str | None, value: str | None, unset: str | None
 ) -> None:
-    meta = MetadataStore.open(metadata_url_of(Path(store_dir).resolve(), metadata_url))
+    meta = MetadataStore.open_in(store_dir, metadata_url)
     try:
         if name is not None:
             write_system_property(meta, name, value)

@@ -33,7 +33,14 @@ import pyarrow.compute as pc
 
 from lithify.compaction import sort_key
 from lithify.compaction.iterators import CompactionIterator, load_iterators
-from lithify.data.key import COLUMN_FIELDS, ENTRY_SCHEMA, SORT_KEYS, BatchKeys, neighbour_order
+from lithify.data.key import (
+    COLUMN_FIELDS,
+    ENTRY_SCHEMA,
+    SORT_KEYS,
+    BatchKeys,
+    bools,
+    neighbour_order,
+)
 from lithify.errors import CompactionCancelledError
 from lithify.files.writer import WORK_MEMORY_POOL
 
@@ -185,30 +192,18 @@ def _merge_round(
     batch = parts[0] if len(parts) == 1 else pa.concat_batches(parts, memory_pool=MEMORY_POOL)
     order, same_col = _order(batch, presorted=len(parts) == 1)
     ts = batch.column(4).to_numpy()
-    dl = _bool_np(batch.column(5))
+    dl = bools(batch.column(5))
     if order is not None:
         ts, dl = ts[order], dl[order]
     first = 0 if order is None else int(order[0])
     last = batch.num_rows - 1 if order is None else int(order[-1])
-    keep = _resolve(
-        same_col,
-        ts,
-        dl,
-        _column(batch, first),
-        _column(batch, last),
-        versions,
-        propagate,
-        carry,
-    )
+    keys = BatchKeys(batch)
+    first_col, last_col = keys[first][:4], keys[last][:4]
+    keep = _resolve(same_col, ts, dl, first_col, last_col, versions, propagate, carry)
     if keep is None:
         return batch if order is None else pc.take(batch, pa.array(order), memory_pool=MEMORY_POOL)
     chosen = np.flatnonzero(keep) if order is None else order[keep]
     return pc.take(batch, pa.array(chosen), memory_pool=MEMORY_POOL)
-
-
-def _column(batch: pa.RecordBatch, i: int) -> tuple[bytes, bytes, bytes, bytes]:
-    """The column key (row, family, qualifier, visibility) of entry `i`."""
-    return tuple(batch.column(c)[i].as_py() for c in range(4))  # type: ignore[return-value]
 
 
 def _order(batch: pa.RecordBatch, presorted: bool) -> tuple[np.ndarray | None, np.ndarray]:
@@ -233,10 +228,6 @@ def _order(batch: pa.RecordBatch, presorted: bool) -> tuple[np.ndarray | None, n
     same_col = np.zeros(n, dtype=bool)
     same_col[1:] = neighbour_order(cols, SORT_KEYS[: len(COLUMN_FIELDS)], order=False)[1]
     return order, same_col
-
-
-def _bool_np(a: pa.Array) -> np.ndarray:
-    return a.to_numpy(zero_copy_only=False)
 
 
 def _resolve(

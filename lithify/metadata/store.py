@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -255,6 +256,12 @@ class MetadataStore:
         self._select_epoch = self._prepare(_SELECT_EPOCH)
 
     # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open_in(cls, directory: str | os.PathLike, url: str | None = None) -> MetadataStore:
+        """The metadata store of the store or instance in `directory`: the one at `url` when
+        given, else the SQLite file `metadata.db` inside the directory."""
+        return cls.open(url or f"sqlite:///{Path(directory).resolve() / 'metadata.db'}")
 
     @classmethod
     def open(

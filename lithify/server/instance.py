@@ -27,16 +27,9 @@ SECRET_PROPERTY = "instance.secret"
 TSERVER_LEASE_TTL_S = 10.0
 
 
-def metadata_url(directory: str | os.PathLike, url: str | None = None) -> str:
-    """The instance's metadata URL: `url` when given, else the SQLite file in the directory."""
-    if url:
-        return url
-    return f"sqlite:///{Path(directory).resolve() / 'metadata.db'}"
-
-
 def open_metadata(directory: str | os.PathLike, url: str | None = None) -> MetadataStore:
     Path(directory).mkdir(parents=True, exist_ok=True)
-    return MetadataStore.open(metadata_url(directory, url))
+    return MetadataStore.open_in(directory, url)
 
 
 def ensure_secret(meta: MetadataStore) -> str:
