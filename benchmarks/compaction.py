@@ -43,7 +43,11 @@ from lithify.data.key import ENTRY_SCHEMA  # noqa: E402
 from lithify.data.ranges import FileRef, RowRange  # noqa: E402
 from lithify.files.reader import SortedFileReader  # noqa: E402
 from lithify.files.storage import Storage  # noqa: E402
-from lithify.files.writer import DEFAULT_COMPRESSION, SortedFileWriter  # noqa: E402
+from lithify.files.writer import (  # noqa: E402
+    DEFAULT_COMPRESSION,
+    SortedFileWriter,
+    WriterOptions,
+)
 
 SEED = 20240611
 VALUE_BYTES = 50
@@ -221,10 +225,6 @@ def child_lithify(args: argparse.Namespace) -> dict:
 
 def child_floor(args: argparse.Namespace) -> dict:
     """Read every input, write `--floor-out` entries in the same format: no merge."""
-    import pyarrow.parquet as pq
-
-    from lithify.files import writer as fw
-
     storage = Storage(args.dir)
     refs = [FileRef.from_json(d) for d in json.loads(Path(args.dir, "refs.json").read_text())]
     threads = max(1, min(args.threads, len(refs)))
@@ -237,19 +237,7 @@ def child_floor(args: argparse.Namespace) -> dict:
     def work(k: int) -> None:
         try:
             sink = storage.open_output(f"floor/part{k}.parquet")
-            codec = fw._normalise_codec(args.compression)
-            pw = pq.ParquetWriter(
-                sink,
-                ENTRY_SCHEMA,
-                compression=codec,
-                compression_level=fw.DEFAULT_COMPRESSION_LEVEL
-                if codec == fw.DEFAULT_COMPRESSION
-                else None,
-                use_dictionary=fw._DICTIONARY_COLUMNS,
-                write_statistics=["row"],
-                write_page_checksum=True,
-                write_page_index=False,
-            )
+            pw = WriterOptions(args.compression).parquet_writer(sink)
             left = quota[k]
             for ref in refs[k::threads]:
                 with SortedFileReader.open(storage, ref.path) as r:

@@ -56,7 +56,7 @@ from lithify.table.properties import (
 from lithify.tablet.compactions import CompactionDriver
 from lithify.tablet.log_manager import LogManager
 from lithify.tablet.tablet import Tablet, TabletContext, TabletRetiredError
-from lithify.tablet.wal import read_log
+from lithify.tablet.wal_reader import read_log
 
 log = logging.getLogger(__name__)
 

@@ -50,6 +50,25 @@ class Gate:
     def open(self) -> None:
         self.opened.set()
 
+    def hold(self, *, only_first: bool = False) -> bool:
+        """Block the calling thread inside the gate until it opens (at most `max_wait`).
+
+        With `only_first`, only the first caller ever is held; the others pass at once.
+        Returns whether this caller was held.
+        """
+        with self.lock:
+            if only_first and self.entered:
+                return False
+            self.active += 1
+            self.entered += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            self.opened.wait(self.max_wait)
+        finally:
+            with self.lock:
+                self.active -= 1
+        return True
+
     def iterator(self) -> tuple[str, dict[str, str]]:
         """The (class, options) of a compaction iterator that passes through this gate."""
         return (f"{__name__}:GatedIterator", {"gate": self.name})
@@ -77,16 +96,6 @@ class GatedIterator(CompactionIterator):
         self.gate = GATES.get(options.get("gate", ""))
 
     def apply(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        g = self.gate
-        if g is None:
-            return batch
-        with g.lock:
-            g.active += 1
-            g.entered += 1
-            g.peak = max(g.peak, g.active)
-        try:
-            g.opened.wait(g.max_wait)
-        finally:
-            with g.lock:
-                g.active -= 1
+        if self.gate is not None:
+            self.gate.hold()
         return batch

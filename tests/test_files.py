@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,9 +16,10 @@ from lithify.data.ranges import RowRange
 from lithify.errors import CorruptFileError
 from lithify.files.bulk import BulkImportError, validate_import_file
 from lithify.files.naming import final_name, is_tmp, kind_of, new_file_name, tmp_name
+from lithify.files.partitioned_writer import PartitionedFileWriter
 from lithify.files.reader import SortedFileReader
 from lithify.files.storage import Storage
-from lithify.files.writer import PartitionedFileWriter, SortedFileWriter, write_entries
+from lithify.files.writer import SortedFileWriter, write_entries
 
 
 def make_table(n: int, seed: int = 1, deletes: float = 0.1) -> pa.Table:
@@ -171,7 +173,7 @@ def test_wrong_schema_write_rejected(storage: Storage) -> None:
     w.abort()
 
 
-def test_partitioned_writer_joins_parts(storage: Storage) -> None:
+def test_partitioned_writer_writes_parts_in_key_order(storage: Storage) -> None:
     t = make_table(3000, seed=5)
     w = PartitionedFileWriter(storage, "j.parquet_tmp_1", 4, row_group_size=128, compression="zstd")
     cuts = [0, 700, 700, 2100, 3000]  # part 1 stays empty
@@ -190,6 +192,53 @@ def test_partitioned_writer_joins_parts(storage: Storage) -> None:
     # an independent reader agrees, with checksums verified
     pf = pq.ParquetFile(storage.path("j.parquet_tmp_1"), page_checksum_verification=True)
     assert pf.read().equals(t)
+
+
+def test_partitioned_writer_parts_written_out_of_order_from_threads(storage: Storage) -> None:
+    """Row groups land in the file in the order the parts finish them; the footer lists them
+    in key order, which is all a reader goes by."""
+    t = make_table(4000, seed=7)
+    w = PartitionedFileWriter(storage, "m.parquet_tmp_3", 3, row_group_size=100)
+    cuts = [0, 1500, 2600, 4000]
+    gates = [threading.Event() for _ in range(3)]
+
+    def run(k: int) -> None:
+        batches = t.slice(cuts[k], cuts[k + 1] - cuts[k]).to_batches(max_chunksize=250)
+        for i, b in enumerate(batches):
+            if i == 1:  # let the later parts go first, then interleave
+                gates[k].set()
+                if k > 0:
+                    gates[k - 1].wait(5)
+            w.part(k).write(b)
+        gates[k].set()
+        w.part(k).close()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in reversed(range(3))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    info = w.close()
+    assert info.entries == 4000 and info.size == storage.size("m.parquet_tmp_3")
+    md = pq.ParquetFile(storage.path("m.parquet_tmp_3")).metadata
+    offsets = [md.row_group(i).column(0).data_page_offset for i in range(md.num_row_groups)]
+    assert offsets != sorted(offsets)  # physically out of key order, as intended
+    pf = pq.ParquetFile(storage.path("m.parquet_tmp_3"), page_checksum_verification=True)
+    assert pf.read().equals(t)
+    with SortedFileReader.open(storage, "m.parquet_tmp_3") as r:
+        assert r.first_key == info.first_key and r.last_key == info.last_key
+        rows = t.column("row").to_pylist()
+        rng = RowRange(rows[1400], rows[2700])
+        got = pa.Table.from_batches(list(r.batches(rng)))
+        assert got.column("row").to_pylist() == [x for x in rows if rng.contains(x)]
+
+
+def test_partitioned_writer_without_entries(storage: Storage) -> None:
+    w = PartitionedFileWriter(storage, "e.parquet_tmp_4", 2)
+    info = w.close()
+    assert info.entries == 0 and info.first_key is None
+    with SortedFileReader.open(storage, "e.parquet_tmp_4") as r:
+        assert r.entries == 0 and list(r.batches()) == []
 
 
 def test_partitioned_writer_abort_removes_everything(storage: Storage) -> None:
@@ -335,3 +384,41 @@ def test_bulk_nulls(storage: Storage) -> None:
 def test_bulk_missing(storage: Storage) -> None:
     with pytest.raises(BulkImportError, match="gone.parquet"):
         validate_import_file(storage, "gone.parquet")
+
+
+def test_partitioned_writer_retries_a_row_group_that_did_not_fit(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = make_table(300, seed=8)
+    w = PartitionedFileWriter(storage, "r.parquet_tmp_5", 1, row_group_size=100)
+    real = PartitionedFileWriter.encode_into
+    calls: list[int] = []
+
+    def tight(self: PartitionedFileWriter, out: pa.NativeFile, table: pa.Table) -> None:
+        calls.append(table.num_rows)
+        if len(calls) == 2:
+            raise OSError("Write out of bounds")
+        real(self, out, table)
+
+    monkeypatch.setattr(PartitionedFileWriter, "encode_into", tight)
+    for b in t.to_batches(max_chunksize=100):
+        w.part(0).write(b)
+    monkeypatch.setattr(PartitionedFileWriter, "encode_into", real)
+    w.close()
+    assert calls == [100, 100, 100, 100]  # the second row group was encoded twice
+    assert read_all(storage, "r.parquet_tmp_5").equals(t)
+
+
+def test_partitioned_writer_gives_up_on_a_row_group_that_never_fits(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = PartitionedFileWriter(storage, "g.parquet_tmp_6", 1, row_group_size=100)
+
+    def never(self: PartitionedFileWriter, out: pa.NativeFile, table: pa.Table) -> None:
+        raise OSError("Write out of bounds")
+
+    monkeypatch.setattr(PartitionedFileWriter, "encode_into", never)
+    with pytest.raises(ValueError, match=r"g.parquet_tmp_6 \(part 0\).*did not fit"):
+        w.part(0).write(make_table(100, seed=9).to_batches()[0])
+    w.abort()
+    assert storage.list_files("") == []

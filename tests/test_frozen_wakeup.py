@@ -39,17 +39,7 @@ def _hold_when_done(monkeypatch: pytest.MonkeyPatch, gate: Gate) -> None:
     def held(self: Tablet) -> int:
         n = original(self)
         if n == 0 and threading.current_thread().name.startswith("minc"):
-            with gate.lock:
-                first = gate.entered == 0
-                if first:
-                    gate.entered += 1
-                    gate.active += 1
-            if first:
-                try:
-                    gate.opened.wait(gate.max_wait)
-                finally:
-                    with gate.lock:
-                        gate.active -= 1
+            gate.hold(only_first=True)
         return n
 
     monkeypatch.setattr(Tablet, "frozen_maps", property(held))

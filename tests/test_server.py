@@ -37,6 +37,7 @@ from lithify.rpc.auth import SECRET_HEADER
 from lithify.rpc.wire import ARROW_STREAM, decode_table, encode_stream, encode_table
 from lithify.server import launcher
 from lithify.server.coordinator_link import CoordinatorLink
+from lithify.tablet.reservation import reserve
 from tests.cluster_util import SLOW_ITERATOR, LocalCluster
 
 #: How long the tests wait for `lithify/coordinator/process.py` (written by another engineer at
@@ -126,6 +127,31 @@ def test_sink_keeps_only_the_newest_plan_per_tablet(tmp_path):
         link.close()
     finally:
         meta.close()
+
+
+def test_a_plan_leaves_out_jobs_on_files_a_running_compaction_holds(tmp_path):
+    """A tablet server plans from its own view of a tablet, which learns of an external
+    reservation only when the coordinator's refresh arrives: the jobs it sends are checked
+    against the tablet's current metadata, so none waits in a queue for reserved files."""
+    store = lithify.open(tmp_path / "s")
+    try:
+        store.create_table("t")
+        for rows in (["a", "b"], ["c"]):
+            store.write("t", [Mutation(r).put("f", "q", "v") for r in rows])
+            store.flush("t")
+        (m,) = store.meta.tablets(store.table_info("t").id)
+        held, free = m.files
+        store.meta.mutate_tablet(m.extent, lambda t: reserve(t, "ecid-1", [held], {}))
+        link = CoordinatorLink(store.meta, "secret")
+
+        def job(*files: FileRef) -> CompactionJob:
+            cfs = tuple(CompactableFile(f.uri, f.size) for f in files)
+            return CompactionJob(cfs, "e.Q", 1, CompactionKind.SYSTEM)
+
+        sent = link._jobs_json(m.extent, [job(held, free), job(free), job(held)])
+        assert [[f["path"] for f in j["files"]] for j in sent] == [[free.path]]
+    finally:
+        store.close()
 
 
 # ---------------------------------------------------------------------- one tablet server

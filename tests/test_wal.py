@@ -19,18 +19,14 @@ import pytest
 from lithify.data.key import ENTRY_SCHEMA
 from lithify.errors import ConfigError, CorruptFileError
 from lithify.tablet import wal as wal_mod
-from lithify.tablet.wal import (
-    HEADER_SIZE,
-    LogClosedError,
-    WriteAheadLog,
-    make_seq,
-    read_log,
-    read_log_header,
-    seq_generation,
-)
+from lithify.tablet import wal_format
+from lithify.tablet.wal import LogClosedError, WriteAheadLog
+from lithify.tablet.wal_format import HEADER_SIZE, make_seq, read_log_header, seq_generation
+from lithify.tablet.wal_reader import read_log
 
 REPO = Path(__file__).resolve().parent.parent
-WAL_LOGGER = "lithify.tablet.wal"
+#: The logger of replay's warnings (the reader's module).
+WAL_LOGGER = "lithify.tablet.wal_reader"
 
 
 def entries(tag: str, n: int = 3, ts: int = 1000) -> pa.Table:
@@ -378,7 +374,7 @@ def test_damage_in_the_middle_raises_unless_point_in_time(
     assert f"offset {HEADER_SIZE}" in message and "bytes from there on are ignored" in message
 
 
-def _header(magic: bytes = wal_mod.MAGIC, version: int = wal_mod.FORMAT_VERSION) -> bytes:
+def _header(magic: bytes = wal_format.MAGIC, version: int = wal_format.FORMAT_VERSION) -> bytes:
     body = struct.pack("<8sHHQ", magic, version, 0, 4)
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -414,7 +410,7 @@ def test_header_alone_is_an_empty_log(tmp_path: Path) -> None:
 def test_record_of_another_generation_is_corrupt(tmp_path: Path) -> None:
     data, _, _ = _three_records(tmp_path)
     path = tmp_path / "gen.wal"
-    body = struct.pack("<8sHHQ", wal_mod.MAGIC, wal_mod.FORMAT_VERSION, 0, 4)
+    body = struct.pack("<8sHHQ", wal_format.MAGIC, wal_format.FORMAT_VERSION, 0, 4)
     path.write_bytes(body + struct.pack("<I", zlib.crc32(body)) + data[HEADER_SIZE:])
     with pytest.raises(CorruptFileError, match="generation"):
         list(read_log(path))

@@ -26,17 +26,13 @@ from lithify import Mutation
 from lithify.cli.shell import config
 from lithify.errors import ConfigError, CorruptFileError
 from lithify.table.properties import system_properties, validate_system_property
-from lithify.tablet.wal import (
-    HEADER_SIZE,
-    POINT_IN_TIME,
-    TOLERATE_TAIL,
-    WriteAheadLog,
-    make_seq,
-    read_log,
-)
+from lithify.tablet.wal import WriteAheadLog
+from lithify.tablet.wal_format import HEADER_SIZE, make_seq
+from lithify.tablet.wal_reader import POINT_IN_TIME, TOLERATE_TAIL, read_log
 from tests.test_wal import entries
 
-WAL_LOGGER = "lithify.tablet.wal"
+#: The logger of replay's warnings (the reader's module).
+WAL_LOGGER = "lithify.tablet.wal_reader"
 MODES = [TOLERATE_TAIL, POINT_IN_TIME]
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from lithify.data.key import ENTRY_SCHEMA
 from lithify.tablet import wal as wal_mod
-from lithify.tablet.wal import WriteAheadLog, read_log
+from lithify.tablet.wal import WriteAheadLog
+from lithify.tablet.wal_reader import read_log
 from tests.test_wal import entries
 
 

@@ -38,7 +38,17 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from lithify.cli import ci, cluster, compactor, coordinator, demo, shell, status, tserver
+    from lithify.cli import (
+        ci,
+        cluster,
+        compactor,
+        coordinator,
+        demo,
+        fileinfo,
+        shell,
+        status,
+        tserver,
+    )
 
     cli.add_command(demo.demo)
     cli.add_command(ci.ci)
@@ -47,6 +57,7 @@ def _register() -> None:
     cli.add_command(tserver.tserver)
     cli.add_command(compactor.compactor)
     cli.add_command(cluster.cluster)
+    cli.add_command(fileinfo.fileinfo)
     for cmd in shell.COMMANDS:
         cli.add_command(cmd)
 

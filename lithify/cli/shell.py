@@ -196,12 +196,11 @@ def scan(
             break
         ts = f" {key.timestamp}" if timestamps else ""
         vis = f" [{key.visibility.decode(errors='replace')}]" if key.visibility else ""
-        click.echo(
-            f"{_show(key.row)} {_show(key.family)}:{_show(key.qualifier)}{vis}{ts}\t{_show(value)}"
-        )
+        column = f"{show_bytes(key.family)}:{show_bytes(key.qualifier)}"
+        click.echo(f"{show_bytes(key.row)} {column}{vis}{ts}\t{show_bytes(value)}")
 
 
-def _show(b: bytes) -> str:
+def show_bytes(b: bytes) -> str:
     return b.decode("utf-8", "backslashreplace")
 
 

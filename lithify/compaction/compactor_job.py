@@ -3,8 +3,8 @@
 Internal executors and external compactors both call `run_compaction`; the caller commits by
 renaming the temporary file. A large compaction is split into key-range subcompactions that run
 in parallel threads (as RocksDB's subcompactions do): each merges its range of every input and
-encodes its own part of the output, and the parts are joined into the one output file in key
-order (see `PartitionedFileWriter`). Splits fall on row boundaries so that no column's versions
+encodes its own part of the output, appending its row groups to the one output file as they are
+encoded (see `PartitionedFileWriter`). Splits fall on row boundaries so that no column's versions
 span two subcompactions. Each input is read ahead by its own thread so that decoding (which
 releases the GIL) overlaps merging and encoding.
 """
@@ -24,17 +24,15 @@ import pyarrow as pa
 from lithify.compaction import allocator
 from lithify.compaction.iterators import load_iterators
 from lithify.compaction.merge import merge_sorted
+from lithify.compaction.split_points import split_rows
 from lithify.data.key import Key
 from lithify.data.ranges import FileRef, RowRange
 from lithify.errors import CompactionCancelledError
 from lithify.files.naming import tmp_name
+from lithify.files.partitioned_writer import PartitionedFileWriter
 from lithify.files.reader import SortedFileReader
 from lithify.files.storage import Storage
-from lithify.files.writer import (
-    DEFAULT_COMPRESSION,
-    DEFAULT_ROW_GROUP_SIZE,
-    PartitionedFileWriter,
-)
+from lithify.files.writer import DEFAULT_COMPRESSION, DEFAULT_ROW_GROUP_SIZE
 
 _POLL_S = 0.05
 #: Batches each input is read ahead by its own thread, used only when the compaction has fewer
@@ -334,6 +332,7 @@ def _run_subcompaction(
             out.write(batch)
             if rate_limiter is not None and out.bytes_written > before:
                 rate_limiter.acquire(out.bytes_written - before)
+        out.close()
     finally:
         for feed in feeds:
             feed.close()
@@ -357,37 +356,19 @@ def _batch_size(readers: Sequence[SortedFileReader], parts: int, limit: int) -> 
 def _split_ranges(
     readers: Sequence[SortedFileReader], clips: Sequence[RowRange], req: CompactionRequest
 ) -> list[RowRange]:
-    """Key ranges (split on rows) holding roughly equal numbers of input entries.
-
-    Uses the `row` statistics of the inputs' row groups: each row group counts half its entries
-    at its first row and half at its last, which places boundaries well once there are several
-    row groups per range (small compactions are not split at all).
-    """
-    points: list[tuple[bytes, float]] = []
-    total = 0
+    """Key ranges (split on rows) holding roughly equal numbers of input entries, estimated from
+    the `row` statistics of the inputs' row groups (see `split_points`); a compaction smaller
+    than `min_subcompaction_entries` per part is not split further."""
+    groups: list[tuple[bytes, bytes, int]] = []
     for r, clip in zip(readers, clips, strict=True):
         if clip.is_empty():
             continue
         for lo, hi, n in r.row_group_stats():
-            if n == 0 or lo is None or hi is None or not clip.overlaps(RowRange.rows(lo, hi)):
-                continue
-            total += n
-            points.append((lo, n / 2))
-            points.append((hi, n / 2))
+            if n and lo is not None and hi is not None and clip.overlaps(RowRange.rows(lo, hi)):
+                groups.append((lo, hi, n))
+    total = sum(n for _, _, n in groups)
     parts = max(1, min(req.subcompactions, total // max(1, req.min_subcompaction_entries)))
-    if parts == 1:
-        return [RowRange()]
-    points.sort()
-    bounds: list[bytes] = []
-    acc = 0.0
-    step = total / parts
-    target = step
-    for row, w in points:
-        acc += w
-        if acc >= target and len(bounds) < parts - 1:
-            if not bounds or row > bounds[-1]:
-                bounds.append(row)
-            target += step
+    bounds = split_rows(groups, parts)
     ranges = []
     prev: bytes | None = None
     for b in [*bounds, None]:

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from lithify.compaction import sort_key
 from lithify.compaction.iterators import CompactionIterator, load_iterators
+from lithify.data import gather
 from lithify.data.key import (
     COLUMN_FIELDS,
     ENTRY_SCHEMA,
@@ -201,9 +202,9 @@ def _merge_round(
     first_col, last_col = keys[first][:4], keys[last][:4]
     keep = _resolve(same_col, ts, dl, first_col, last_col, versions, propagate, carry)
     if keep is None:
-        return batch if order is None else pc.take(batch, pa.array(order), memory_pool=MEMORY_POOL)
+        return batch if order is None else gather.take(batch, order, MEMORY_POOL)
     chosen = np.flatnonzero(keep) if order is None else order[keep]
-    return pc.take(batch, pa.array(chosen), memory_pool=MEMORY_POOL)
+    return gather.take(batch, chosen, MEMORY_POOL)
 
 
 def _order(batch: pa.RecordBatch, presorted: bool) -> tuple[np.ndarray | None, np.ndarray]:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from lithify.data.gather import binary_offsets
+
 #: Keys wider than this are not encoded (the caller sorts with Arrow instead): the padded matrix
 #: costs rows x width bytes, which a single very long row would otherwise blow up.
 MAX_KEY_BYTES = 128
@@ -44,12 +46,6 @@ class SortKeys:
     column_bytes: int
 
 
-def _offsets(col: pa.Array) -> np.ndarray:
-    return np.frombuffer(
-        col.buffers()[1], dtype=np.int32, count=len(col) + 1, offset=col.offset * 4
-    )
-
-
 def _length_dtype(longest: int) -> np.dtype:
     for dt in (">u1", ">u2", ">u4"):
         if longest < np.iinfo(dt).max:
@@ -60,7 +56,7 @@ def _length_dtype(longest: int) -> np.dtype:
 def _field(col: pa.Array) -> tuple[list[np.dtype], list[np.ndarray]]:
     """The key-field layout (numpy record formats) and values of one binary column."""
     n = len(col)
-    off = _offsets(col)
+    off = binary_offsets(col)
     lens = np.diff(off)
     longest = int(lens.max()) if n else 0
     if longest == 0:

@@ -80,6 +80,11 @@ class SortedFileReader:
     def schema(self) -> pa.Schema:
         return self._pf.schema_arrow
 
+    @property
+    def metadata(self) -> pq.FileMetaData:
+        """The Parquet footer as pyarrow reads it (row groups, column chunks, codecs)."""
+        return self._pf.metadata
+
     def close(self) -> None:
         self._source.close()
 
@@ -98,7 +103,7 @@ class SortedFileReader:
         """(min row, max row, entries) per row group; None bounds where statistics are absent."""
         if self._stats is None:
             stats = []
-            md = self._pf.metadata
+            md = self.metadata
             try:
                 for i in range(md.num_row_groups):
                     rg = md.row_group(i)
@@ -114,7 +119,7 @@ class SortedFileReader:
 
     def uncompressed_entry_bytes(self) -> float:
         """Average decoded size of an entry (from the footer), for sizing buffers."""
-        md = self._pf.metadata
+        md = self.metadata
         total = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
         return total / self.entries if self.entries else 0.0
 

@@ -52,11 +52,6 @@ class Storage:
             self.path(rel), compression=None, buffer_size=OUTPUT_BUFFER_BYTES
         )
 
-    def local_path(self, rel: str) -> str | None:
-        """The operating system's path of `rel` when the store is on the local filesystem, else
-        None: for what pyarrow's streams cannot do, such as copying inside the kernel."""
-        return self.path(rel) if isinstance(self.fs, pafs.LocalFileSystem) else None
-
     def rename(self, src: str, dst: str) -> None:
         self.mkdirs(os.path.dirname(dst))
         self.fs.move(self.path(src), self.path(dst))

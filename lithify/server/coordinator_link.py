@@ -32,6 +32,7 @@ from lithify.metadata.store import MetadataStore
 from lithify.rpc.client import RpcClient, RpcError
 from lithify.rpc.wire import extent_to_json
 from lithify.server.instance import COORDINATOR_LEASE, lease_holder
+from lithify.tablet.reservation import reserved_files
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +198,18 @@ class CoordinatorLink:
 
     def _jobs_json(self, extent: Extent, jobs: Sequence[CompactionJob]) -> list[dict[str, Any]]:
         """The jobs with their files as the tablet's FileRefs (fence included), looked up by
-        URI in the tablet's current metadata; a job naming a file the tablet no longer has is
-        left out (the change that removed it triggers a newer plan)."""
+        URI in the tablet's current metadata. A job naming a file the tablet no longer has, or
+        one a running compaction holds, is left out: the plan was made from this server's view
+        of the tablet, which learns of a reservation only when the coordinator's refresh
+        arrives, and the change that removed or reserved the file brings a newer plan. (Such a
+        job would wait in the queue until a compactor's reservation failed on it.)"""
         if not jobs:
             return []
         meta = self._meta.get_tablet(extent)
         if meta is None:
             return []
-        by_uri = {f.uri: f for f in meta.files}
+        busy = {f.uri for f in reserved_files(meta)}
+        by_uri = {f.uri: f for f in meta.files if f.uri not in busy}
         out = []
         for job in jobs:
             refs = [by_uri.get(f.uri) for f in job.files]

@@ -38,7 +38,7 @@ from lithify.table.properties import Properties
 from lithify.tablet.clock import TabletClock
 from lithify.tablet.log_manager import LogManager
 from lithify.tablet.memtable import InMemoryMap
-from lithify.tablet.wal import LogRecord
+from lithify.tablet.wal_format import LogRecord
 
 log = logging.getLogger(__name__)
 

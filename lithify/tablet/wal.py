@@ -4,22 +4,6 @@ One log file per tablet-server generation is shared by all the tablets the serve
 Accumulo), so one write, and for `sync` one fsync, can cover the records of many tablets at once
 (group commit). After a crash, a tablet replays the records newer than its last flush.
 
-File layout (little-endian)::
-
-    header  = magic "LITHWAL\\0" | u16 format version | u16 flags (0) | u64 generation
-              | u32 crc32 of the preceding 20 bytes
-    record  = u32 payload length | u32 crc32 of payload | payload
-    payload = u8 record type | u16 tablet length | tablet (utf-8)
-              | Arrow IPC stream of the entries (ENTRY_SCHEMA, uncompressed) | u64 sequence number
-
-The sequence number comes last so that the CRC of the large part (the Arrow stream) can be
-computed before the appender takes the log's lock, in parallel with other appenders; only the
-8-byte tail is checksummed under the lock, once the sequence number is known.
-
-Sequence numbers are `generation << 40 | counter` (counter from 1), so they increase across log
-generations as long as generations do (the metadata store hands them out). They fit in a signed
-64-bit integer because generations are below 2**23.
-
 Durability of an acknowledged append: `none` (may still sit in this process's buffer and is lost
 if the process dies), `flush` (handed to the operating system: survives kill -9 of the process,
 not a power loss), `sync` (fdatasync'ed: survives a power loss). A `none` record does not sit in
@@ -28,33 +12,9 @@ by `close`) writes buffered `none` records out at most `flush_interval_s` after 
 appended (`tserver.wal.flush.interval`, default 1s; 0: only when the buffer fills or a later
 `flush`/`sync` append, `flush()`, `sync()` or `close()` writes them).
 
-Reading, and what a damaged record means. A crash (kill -9, and for synced records a power loss)
-can only tear the TAIL of a log: the last record is short (fewer bytes than its length says) or
-fails its CRC. A bad record followed by intact records is something else: corruption inside the
-log (bit rot, a bad disk, an overwritten block), and replaying up to it would silently drop
-acknowledged records after it. So after a record that fails (short header, impossible length,
-short payload, bad CRC) the reader looks for an intact record after it: first at the position
-the damaged record's length points to, then (the length itself may be the damaged part) by
-scanning forward. A candidate is intact if its frame is well-formed, its CRC holds, its type is
-known and its sequence number is of this log's generation and greater than the last good one
-(records are written in sequence order, so anything older is not a later record of this log).
-What happens then is the `recovery` mode (`tserver.wal.recovery`; RocksDB has the same two):
-
-* `tolerate-tail` (the default): a damaged record with nothing intact after it is a torn tail;
-  replay stops there with a warning naming the file, offset and fault. A damaged record with
-  intact records after it raises CorruptFileError naming the file, the offset, the fault and
-  where the next intact record is, so the tablet server refuses to recover rather than lose
-  acknowledged writes without anyone deciding to.
-* `point-in-time`: replay stops at the first damaged record, wherever it is, with a warning
-  (saying whether intact records follow and are dropped).
-
-One caveat: after a power loss, records that were written but not yet synced may reach the disk
-in any order, leaving a hole (typically zeros) before intact later records. Everything after the
-last sync is unsynced, so `point-in-time` loses only records that were not acknowledged as
-`sync`; `tolerate-tail` refuses such a log, and the operator decides.
-
-The forward scan reads only from the damaged record to the next intact one (or to the end of
-the file: for a torn tail that is what the crash left unfinished), so it costs little.
+The file format (header, record framing, sequence numbers) is defined in
+`lithify.tablet.wal_format`; reading a log back, and what a damaged record means, in
+`lithify.tablet.wal_reader`.
 """
 
 from __future__ import annotations
@@ -62,47 +22,35 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from lithify.data.key import ENTRY_SCHEMA
-from lithify.errors import ConfigError, CorruptFileError, LithifyError
+from lithify.errors import ConfigError, LithifyError
+from lithify.tablet.wal_format import (
+    FORMAT_VERSION,
+    FRAME,
+    HEADER_BODY,
+    HEADER_CRC,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_COUNTER,
+    MAX_GENERATION,
+    MAX_TABLET_KEY,
+    PAYLOAD_HEAD,
+    SEQ,
+    RecordType,
+    make_seq,
+)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"LITHWAL\x00"
-FORMAT_VERSION = 1
-
-_HEADER_BODY = struct.Struct("<8sHHQ")
-_HEADER_CRC = struct.Struct("<I")
-HEADER_SIZE = _HEADER_BODY.size + _HEADER_CRC.size
-_FRAME = struct.Struct("<II")
-_PAYLOAD_HEAD = struct.Struct("<BH")
-_SEQ = struct.Struct("<Q")
-#: The smallest payload a writer produces: type, an empty tablet name, no entries, the seq.
-_MIN_PAYLOAD = _PAYLOAD_HEAD.size + _SEQ.size
-
-SEQ_COUNTER_BITS = 40
-MAX_GENERATION = 2**23 - 1
-_MAX_COUNTER = 2**SEQ_COUNTER_BITS - 1
-_MAX_TABLET_KEY = 2**16 - 1
 #: os.writev takes at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_MAX = 1024
-
-
-class RecordType(enum.IntEnum):
-    """What a record holds. Only entries so far; the byte leaves room for markers (for example
-    'flush started' or 'tablet defined') without a format change."""
-
-    ENTRIES = 1
 
 
 class Durability(enum.IntEnum):
@@ -126,29 +74,6 @@ class Durability(enum.IntEnum):
 
 class LogClosedError(LithifyError):
     """An append to a write-ahead log that was closed (or failed: see the cause)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LogRecord:
-    """One replayed record: its sequence number, the tablet it belongs to, and its entries."""
-
-    seq: int
-    tablet: str
-    table: pa.Table
-
-
-@dataclass(frozen=True, slots=True)
-class LogHeader:
-    version: int
-    generation: int
-
-
-def make_seq(generation: int, counter: int) -> int:
-    return generation << SEQ_COUNTER_BITS | counter
-
-
-def seq_generation(seq: int) -> int:
-    return seq >> SEQ_COUNTER_BITS
 
 
 # Looked up at call time so tests can slow it down to observe group commit.
@@ -326,8 +251,8 @@ class WriteAheadLog:
         if not (0 <= generation <= MAX_GENERATION):
             raise ValueError(f"log generation {generation} is outside [0, {MAX_GENERATION}]")
         level = Durability.parse(durability)
-        body = _HEADER_BODY.pack(MAGIC, FORMAT_VERSION, 0, generation)
-        header = body + _HEADER_CRC.pack(zlib.crc32(body))
+        body = HEADER_BODY.pack(MAGIC, FORMAT_VERSION, 0, generation)
+        header = body + HEADER_CRC.pack(zlib.crc32(body))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0))
         try:
             _write_all(fd, [header])
@@ -403,34 +328,34 @@ class WriteAheadLog:
         """
         level = self._durability if durability is None else Durability.parse(durability)
         tablet_bytes = tablet.encode()
-        if len(tablet_bytes) > _MAX_TABLET_KEY:
+        if len(tablet_bytes) > MAX_TABLET_KEY:
             raise ValueError(f"tablet key of {len(tablet_bytes)} bytes is too long for the log")
         body, body_size = _encode_entries(table)
         if level == Durability.NONE:
             # The record outlives this call in the buffer: copy it, so that what is written
             # later is what was checksummed now even if the caller then reuses its memory.
             body = [b"".join(body)]
-        head = _PAYLOAD_HEAD.pack(RecordType.ENTRIES, len(tablet_bytes)) + tablet_bytes
+        head = PAYLOAD_HEAD.pack(RecordType.ENTRIES, len(tablet_bytes)) + tablet_bytes
         crc = zlib.crc32(head)
         for part in body:
             crc = zlib.crc32(part, crc)
-        payload_len = len(head) + body_size + _SEQ.size
+        payload_len = len(head) + body_size + SEQ.size
         with self._lock:
             self._check_usable()
-            if self._counter >= _MAX_COUNTER:
+            if self._counter >= MAX_COUNTER:
                 raise LogClosedError(
                     f"write-ahead log {self._path} is out of sequence numbers; roll to a new one"
                 )
             self._counter += 1
             seq = make_seq(self._generation, self._counter)
-            tail = _SEQ.pack(seq)
-            frame = _FRAME.pack(payload_len, zlib.crc32(tail, crc))
+            tail = SEQ.pack(seq)
+            frame = FRAME.pack(payload_len, zlib.crc32(tail, crc))
             self._pending.append(frame + head)
             self._pending += body
             self._pending.append(tail)
-            self._pending_bytes += _FRAME.size + payload_len
+            self._pending_bytes += FRAME.size + payload_len
             self._appended_seq = seq
-            self._size += _FRAME.size + payload_len
+            self._size += FRAME.size + payload_len
             self._records += 1
             if level == Durability.NONE:
                 if self._pending_bytes >= self._buffer_bytes and not self._writing:
@@ -619,269 +544,3 @@ class WriteAheadLog:
                 except Exception as e:  # not expected: _lead raises LogClosedError on failure
                     log.error("write-ahead log %s: timed flush failed: %r", self._path, e)
                     return
-
-
-# -- reading ----------------------------------------------------------------------------------
-
-
-def _parse_header(path: Path, data: bytes) -> LogHeader:
-    if len(data) < HEADER_SIZE:
-        raise CorruptFileError(
-            f"write-ahead log {path}: header is {len(data)} bytes, expected {HEADER_SIZE}"
-        )
-    magic, version, _flags, generation = _HEADER_BODY.unpack_from(data)
-    if magic != MAGIC:
-        raise CorruptFileError(f"write-ahead log {path}: bad magic {magic!r}, not a lithify log")
-    (crc,) = _HEADER_CRC.unpack_from(data, _HEADER_BODY.size)
-    if zlib.crc32(data[: _HEADER_BODY.size]) != crc:
-        raise CorruptFileError(f"write-ahead log {path}: header checksum mismatch")
-    if version != FORMAT_VERSION:
-        raise CorruptFileError(
-            f"write-ahead log {path}: format version {version}, this lithify reads {FORMAT_VERSION}"
-        )
-    return LogHeader(version, generation)
-
-
-def read_log_header(path: str | Path) -> LogHeader:
-    """The header of a log; raises CorruptFileError naming the file when it is bad."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        return _parse_header(path, f.read(HEADER_SIZE))
-
-
-TOLERATE_TAIL = "tolerate-tail"
-POINT_IN_TIME = "point-in-time"
-#: The values of `read_log`'s `recovery` (the property `tserver.wal.recovery`).
-RECOVERY_MODES = (TOLERATE_TAIL, POINT_IN_TIME)
-
-
-def parse_recovery(value: str) -> str:
-    """The recovery mode `value` names; ConfigError naming the accepted values otherwise."""
-    mode = str(value).strip().lower()
-    if mode not in RECOVERY_MODES:
-        raise ConfigError(
-            f"write-ahead log recovery mode {value!r} is not accepted (tserver.wal.recovery); "
-            f"accepted values: {', '.join(RECOVERY_MODES)}"
-        )
-    return mode
-
-
-def read_log(path: str | Path, *, recovery: str = TOLERATE_TAIL) -> Iterator[LogRecord]:
-    """The complete records of a log, in the order written (which is sequence order).
-
-    A torn or corrupt tail (a damaged record with no intact record after it) ends the replay at
-    the last good record with a warning. A damaged record followed by an intact one is
-    corruption inside the log: with `recovery="tolerate-tail"` (the default) it raises
-    CorruptFileError, after yielding the records before it, naming the file, the offset, the
-    fault and the next intact record; with `recovery="point-in-time"` replay stops there with a
-    warning. A bad header, or a record whose checksum holds but whose contents cannot be decoded
-    (a writer bug or a newer format, not a crash), raises CorruptFileError naming the file. The
-    mode is checked at once (ConfigError), not when iteration starts.
-    """
-    return _read_log(Path(path), parse_recovery(recovery))
-
-
-def _read_log(path: Path, recovery: str) -> Iterator[LogRecord]:
-    with open(path, "rb") as f:
-        file_size = os.fstat(f.fileno()).st_size
-        header = _parse_header(path, f.read(HEADER_SIZE))
-        offset = HEADER_SIZE
-        last_seq = make_seq(header.generation, 0)
-        while True:
-            frame = f.read(_FRAME.size)
-            if not frame:
-                return
-            fault = None
-            length = 0
-            available = file_size - offset - _FRAME.size
-            if len(frame) < _FRAME.size:
-                fault = f"torn record header ({len(frame)} of {_FRAME.size} bytes)"
-            else:
-                length, crc = _FRAME.unpack(frame)
-                if length < _MIN_PAYLOAD:
-                    fault = f"record length {length} is below the minimum {_MIN_PAYLOAD}"
-                elif length > available:
-                    fault = f"short payload ({max(available, 0)} of {length} bytes)"
-                else:
-                    payload = f.read(length)
-                    if len(payload) < length:
-                        fault = f"short payload ({len(payload)} of {length} bytes)"
-                    elif zlib.crc32(payload) != crc:
-                        fault = "checksum mismatch"
-            if fault is not None:
-                _damaged(f.fileno(), path, file_size, offset, length, fault, last_seq, recovery)
-                return
-            record = _decode_payload(path, offset, payload)
-            if seq_generation(record.seq) != header.generation:
-                raise CorruptFileError(
-                    f"write-ahead log {path}: record at offset {offset} has sequence number "
-                    f"{record.seq} of generation {seq_generation(record.seq)}, the header says "
-                    f"{header.generation}"
-                )
-            yield record
-            last_seq = max(last_seq, record.seq)
-            offset += _FRAME.size + length
-
-
-def _damaged(
-    fd: int,
-    path: Path,
-    file_size: int,
-    offset: int,
-    length: int,
-    fault: str,
-    last_seq: int,
-    recovery: str,
-) -> None:
-    """Judge a damaged record at `offset`: raise for damage inside the log (unless recovery is
-    point-in-time), otherwise log the warning that replay stops there."""
-    generation = seq_generation(last_seq)
-    intact = None
-    pointed = offset + _FRAME.size + length
-    if length >= _MIN_PAYLOAD and pointed < file_size:
-        intact = _intact_record_at(fd, file_size, pointed, generation, last_seq)
-    if intact is None:
-        # The length may be the damaged part: look for the next record byte by byte.
-        intact = _scan_for_intact_record(fd, file_size, offset + 1, generation, last_seq)
-    last = f"sequence number {last_seq}" if last_seq & _MAX_COUNTER else "none"
-    if intact is not None:
-        next_offset, next_seq = intact
-        if recovery == TOLERATE_TAIL:
-            raise CorruptFileError(
-                f"write-ahead log {path}: record at offset {offset} is damaged ({fault}), but an "
-                f"intact record follows at offset {next_offset} (sequence number {next_seq}; the "
-                f"last good record before the damage: {last}): the log is corrupt inside, not "
-                f"torn at its tail, and replaying only up to the damage would lose acknowledged "
-                f"writes. Recovery refuses; to recover up to the damage and drop everything "
-                f"from offset {offset} on, set tserver.wal.recovery={POINT_IN_TIME}"
-            )
-        log.warning(
-            "write-ahead log %s: replay stops at offset %d: %s (the %d bytes from there on are "
-            "ignored, among them intact records from offset %d, sequence number %d, on: dropped "
-            "because tserver.wal.recovery=%s)",
-            path,
-            offset,
-            fault,
-            file_size - offset,
-            next_offset,
-            next_seq,
-            POINT_IN_TIME,
-        )
-        return
-    after = max(file_size - pointed, 0) if length >= _MIN_PAYLOAD else 0
-    log.warning(
-        "write-ahead log %s: replay stops at offset %d: %s%s",
-        path,
-        offset,
-        fault,
-        f" ({after} bytes after the record ignored, no intact record among them)" if after else "",
-    )
-
-
-def _intact_record_at(
-    fd: int, file_size: int, pos: int, generation: int, after_seq: int
-) -> tuple[int, int] | None:
-    """(pos, seq) if a complete record of `generation` newer than `after_seq` starts at `pos`:
-    well-formed frame, valid CRC, known type, a tablet key that fits."""
-    frame = os.pread(fd, _FRAME.size, pos)
-    if len(frame) < _FRAME.size:
-        return None
-    length, crc = _FRAME.unpack(frame)
-    if length < _MIN_PAYLOAD or length > file_size - pos - _FRAME.size:
-        return None
-    return _check_candidate(fd, pos, length, crc, generation, after_seq)
-
-
-def _check_candidate(
-    fd: int, pos: int, length: int, crc: int, generation: int, after_seq: int
-) -> tuple[int, int] | None:
-    tail = os.pread(fd, _SEQ.size, pos + _FRAME.size + length - _SEQ.size)
-    if len(tail) < _SEQ.size:  # the file shrank under us
-        return None
-    (seq,) = _SEQ.unpack(tail)
-    if seq_generation(seq) != generation or seq <= after_seq:
-        return None
-    payload = os.pread(fd, length, pos + _FRAME.size)
-    if len(payload) < length or zlib.crc32(payload) != crc:
-        return None
-    kind, tablet_len = _PAYLOAD_HEAD.unpack_from(payload)
-    if kind != RecordType.ENTRIES or _MIN_PAYLOAD + tablet_len > length:
-        return None
-    return pos, seq
-
-
-#: Candidate positions the forward scan examines per step (its arrays are ~20 bytes each).
-_SCAN_CHUNK = 1 << 18
-
-
-def _scan_for_intact_record(
-    fd: int, file_size: int, start: int, generation: int, after_seq: int
-) -> tuple[int, int] | None:
-    """The first (offset, seq) at or after `start` where an intact record of `generation`
-    newer than `after_seq` starts, or None.
-
-    Every byte position is a candidate; numpy rules out, a chunk at a time, those whose length
-    does not fit the file, whose type byte is not a known type or whose tablet key does not
-    fit the length. What remains (a small fraction) is checked one by one: the sequence number
-    at the end first (8 bytes), the CRC of the payload last.
-    """
-    head = _FRAME.size + _PAYLOAD_HEAD.size  # bytes of a candidate the vector filters read
-    last = file_size - _FRAME.size - _MIN_PAYLOAD  # the last position a record fits at
-    pos = start
-    while pos <= last:
-        n = min(_SCAN_CHUNK, last - pos + 1)
-        window = os.pread(fd, n - 1 + head, pos)
-        if len(window) < n - 1 + head:  # the file shrank under us
-            return None
-        lengths = np.ndarray((n,), dtype="<u4", buffer=window, offset=0, strides=(1,))
-        crcs = np.ndarray((n,), dtype="<u4", buffer=window, offset=4, strides=(1,))
-        kinds = np.ndarray((n,), dtype="u1", buffer=window, offset=_FRAME.size, strides=(1,))
-        tablet_lens = np.ndarray(
-            (n,), dtype="<u2", buffer=window, offset=_FRAME.size + 1, strides=(1,)
-        )
-        room = (file_size - pos - _FRAME.size) - np.arange(n, dtype=np.int64)
-        lens64 = lengths.astype(np.int64)
-        ok = (
-            (lens64 >= _MIN_PAYLOAD)
-            & (lens64 <= room)
-            & (kinds == RecordType.ENTRIES)
-            & (tablet_lens.astype(np.int64) + _MIN_PAYLOAD <= lens64)
-        )
-        for i in np.flatnonzero(ok).tolist():
-            found = _check_candidate(
-                fd, pos + i, int(lengths[i]), int(crcs[i]), generation, after_seq
-            )
-            if found is not None:
-                return found
-        pos += n
-    return None
-
-
-def _decode_payload(path: Path, offset: int, payload: bytes) -> LogRecord:
-    kind, tablet_len = _PAYLOAD_HEAD.unpack_from(payload)
-    if kind != RecordType.ENTRIES:
-        raise CorruptFileError(
-            f"write-ahead log {path}: record at offset {offset} has unknown type {kind}"
-        )
-    start = _PAYLOAD_HEAD.size
-    end = len(payload) - _SEQ.size
-    if start + tablet_len > end:
-        raise CorruptFileError(
-            f"write-ahead log {path}: record at offset {offset} has a tablet key longer than "
-            f"the record"
-        )
-    (seq,) = _SEQ.unpack_from(payload, end)
-    try:
-        tablet = payload[start : start + tablet_len].decode()
-        body = pa.py_buffer(payload)[start + tablet_len : end]
-        table = pa.ipc.open_stream(body).read_all()
-    except (UnicodeDecodeError, pa.ArrowInvalid) as e:
-        raise CorruptFileError(
-            f"write-ahead log {path}: record at offset {offset} cannot be decoded: {e}"
-        ) from None
-    if not table.schema.equals(ENTRY_SCHEMA):
-        raise CorruptFileError(
-            f"write-ahead log {path}: record at offset {offset} has schema {table.schema}, "
-            f"expected the entry schema"
-        )
-    return LogRecord(seq, tablet, table)
