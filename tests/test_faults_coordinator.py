@@ -204,6 +204,11 @@ def test_coordinator_dies_between_final_state_and_commit(cluster: LocalCluster, 
         faults.COMMIT_WAIT_S,
         "the final state to be committed",
     )
+    # The final state is gone a moment before the takeover logs its counts: wait for that line
+    # (the first one is the first incarnation's).
+    cluster.wait_for(
+        lambda: cluster.log("coordinator-1").count(" rebuilt: ") == 2, 30, "the rebuild's report"
+    )
     log = cluster.log("coordinator-1")
     assert "rebuilt: 1 committed, 0 cleaned, 0 running adopted" in log, log
     commits = 0 if stage == "committed" else 1  # the test made that commit itself
