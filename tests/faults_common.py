@@ -407,11 +407,39 @@ def coordinator_view(cluster: LocalCluster) -> dict[str, Any]:
     ).json()
 
 
+def _metrics(cluster: LocalCluster, url: str) -> Samples:
+    text = httpx.get(f"{url}/metrics", headers={SECRET_HEADER: cluster.secret}, timeout=10).text
+    return scrape(text)
+
+
 def coordinator_metrics(cluster: LocalCluster) -> Samples:
     url = cluster.coordinator_url()
     assert url, "no coordinator holds the lease"
-    text = httpx.get(f"{url}/metrics", headers={SECRET_HEADER: cluster.secret}, timeout=10).text
-    return scrape(text)
+    return _metrics(cluster, url)
+
+
+def tserver_compactions_idle(cluster: LocalCluster) -> bool:
+    """No compaction queued or running in any of the tablet server's internal executors."""
+    m = _metrics(cluster, cluster.url("tserver"))
+    busy = ("lithify_compactions_queued", "lithify_compactions_running")
+    return not any(v for name in busy for v in m.get(name, {}).values())
+
+
+def held_for(condition: Callable[[], bool], hold_s: float) -> Callable[[], bool]:
+    """A condition that is true once `condition` has held on every poll for `hold_s`: a
+    settled cluster stays settled, where one poll may fall between a commit and the plan that
+    the commit's refresh brings."""
+    since: list[float] = []
+
+    def check() -> bool:
+        if not condition():
+            since.clear()
+            return False
+        if not since:
+            since.append(time.monotonic())
+        return time.monotonic() - since[0] >= hold_s
+
+    return check
 
 
 def metric(samples: Samples, name: str, **labels: str) -> float:

@@ -340,7 +340,8 @@ def _until(fn, timeout: float) -> None:
 def test_process_standby_takeover_and_sigterm(tmp_path: Path) -> None:
     meta = open_metadata(tmp_path)
     secret = ensure_secret(meta)
-    meta.set_system_properties({"coordinator.lease.ttl": "1500ms"})
+    # Long enough that coordinator a keeps its lease while b starts beside it on a busy machine.
+    meta.set_system_properties({"coordinator.lease.ttl": "3s"})
     procs: list[subprocess.Popen] = []
     try:
         a = _start(tmp_path, "a")
@@ -359,7 +360,7 @@ def test_process_standby_takeover_and_sigterm(tmp_path: Path) -> None:
         epoch_a = meta.lease_info("coordinator").epoch
         a.send_signal(signal.SIGTERM)
         assert a.wait(15) == 0
-        _until(lambda: _active(url_b, secret), 10)
+        _until(lambda: _active(url_b, secret), 20)
         info = meta.lease_info("coordinator")
         assert info.holder == url_b and info.epoch == epoch_a + 1
         b.send_signal(signal.SIGTERM)

@@ -95,10 +95,13 @@ def test_moving_a_service_to_another_queue_loses_nothing_and_does_nothing_twice(
     names = cluster.names("compactor")
 
     def done() -> bool:
+        # The coordinator counts a commit just after it sends the tablet server its refresh.
+        m = faults.coordinator_metrics(cluster)
         return (
             all(len(t.files) == 1 for t in c.tablets("cfg"))
             and not faults.running_records(cluster.meta, table_id)
             and faults.compactors_idle(cluster, names)
+            and faults.metric(m, "lithify_coordinator_compactions_completed_total") >= 8
         )
 
     cluster.wait_for(done, 120, "every tablet to be compacted")

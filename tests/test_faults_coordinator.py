@@ -71,10 +71,16 @@ def test_standby_coordinator_takes_over_running_compactions(backend_cluster: Loc
             faults.COMMIT_WAIT_S,
             f"compaction {ecid} to commit through the new coordinator",
         )
+    # A commit's log line follows its metadata update: it may trail what the loop above saw.
+    cluster.wait_for(
+        lambda: all(f"(ecid {ecid})" in cluster.log(standby) for ecid in recs),
+        30,
+        "the commits' log lines",
+    )
     log = cluster.log(standby)
     assert "2 running adopted" in log, log
     for ecid in recs:
-        assert f"(ecid {ecid})" in log and "stopped reporting compaction " + ecid not in log
+        assert "stopped reporting compaction " + ecid not in log
     for name in faults.compactor_names(cluster).values():
         st = faults.compactor_status(cluster, name)
         assert st["completed"] >= 1 and st["failed"] == 0 and st["cancelled"] == 0, st
@@ -108,7 +114,7 @@ def test_waiting_client_follows_its_user_compaction_across_failover(cluster: Loc
     def compact(client: lithify.Client) -> None:
         try:
             outcome["summary"] = client.compact(
-                faults.TABLE, iterators=[(SLOW_ITERATOR, {"sleep_s": "15"})], timeout=150
+                faults.TABLE, iterators=[(SLOW_ITERATOR, {"sleep_s": "25"})], timeout=150
             )
         except BaseException as e:  # noqa: BLE001 - inspected below
             outcome["error"] = e

@@ -41,8 +41,11 @@ def test_tserver_killed_while_external_compactions_run(cluster: LocalCluster) ->
     )
     assert ingest.error is None, ingest.error
     cluster.kill("tserver")
+    # The write in flight fails (or the next one, when the kill fell between two cycles);
+    # stopping first could end the ingest between cycles without a failed write.
+    cluster.wait_for(lambda: ingest.error is not None, 60, "the ingest's write to fail")
     ingest.stop()
-    assert isinstance(ingest.error, LithifyError), ingest.error  # the write in flight failed
+    assert isinstance(ingest.error, LithifyError), ingest.error
 
     for ecid, (_, rec) in recs.items():
         cluster.wait_for(

@@ -471,8 +471,15 @@ def test_external_compaction_end_to_end(cluster: LocalCluster):
     before = _file_names(c, "t")
     summary = c.compact("t", timeout=90)
     assert summary.id
-    after = _file_names(c, "t")
-    assert all(len(s) == 1 and not (s & b) for s, b in zip(after, before, strict=True))
+    # The request ends with the metadata's commit; the tablet server learns of the new files
+    # from the coordinator's refresh a moment later.
+    cluster.wait_for(
+        lambda: all(
+            len(s) == 1 and not (s & b) for s, b in zip(_file_names(c, "t"), before, strict=True)
+        ),
+        30,
+        "the tablet server to see the user compaction's files",
+    )
     assert "for USER" in cluster.log("compactor-1")
     assert rows(c, "t") == expected
     status = c.status()
@@ -644,9 +651,15 @@ def test_sigterm_lets_the_running_job_finish(cluster: LocalCluster):
     assert time.monotonic() - t0 < 30
     log = cluster.log("compactor-1")
     assert "Compacted " in log and "Cancelled" not in log
-    # The result was acknowledged, so the coordinator committed it: one new file, no record.
+
+    # The result was acknowledged once its final state was durable; the coordinator commits it
+    # in the background: one new file, no record.
+    def committed() -> bool:
+        metas = cluster.meta.tablets(table_id)
+        return all(not m.compactions and m.selection is None for m in metas)
+
+    cluster.wait_for(committed, 30, "the acknowledged result to be committed")
     metas = cluster.meta.tablets(table_id)
-    assert all(not m.compactions and m.selection is None for m in metas)
     assert [f.path.rsplit("/", 1)[-1][0] for m in metas for f in m.files] == ["A"]
 
 
