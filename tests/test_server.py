@@ -261,7 +261,7 @@ def test_connect_by_url_and_metrics_and_status(cluster: LocalCluster):
         put(c, "m", ["a"])
         st = c.status()
         assert st["url"] == url and st["tables"] == 1 and st["tablets"] == 1
-    text = httpx.get(f"{url}/metrics", headers={SECRET_HEADER: cluster.secret}).text
+    text = httpx.get(f"{url}/metrics", headers={SECRET_HEADER: cluster.secret}, timeout=10).text
     assert "lithify_tablets 1.0" in text
 
 
@@ -377,10 +377,12 @@ def test_openapi_schema_is_served(cluster: LocalCluster):
     compactor = httpx.get(f"{cluster.url('compactor-1')}/openapi.json", timeout=30).json()
     assert "/v1/running" in compactor["paths"]
     running = httpx.get(
-        f"{cluster.url('compactor-1')}/v1/running", headers={SECRET_HEADER: cluster.secret}
+        f"{cluster.url('compactor-1')}/v1/running",
+        headers={SECRET_HEADER: cluster.secret},
+        timeout=10,
     ).json()
     assert running["ecid"] is None and running["compactor"]
-    assert httpx.get(f"{cluster.url('compactor-1')}/v1/running").status_code == 401
+    assert httpx.get(f"{cluster.url('compactor-1')}/v1/running", timeout=10).status_code == 401
 
 
 def test_tserver_restart_keeps_data_and_clients_follow_it(cluster: LocalCluster):
@@ -541,6 +543,7 @@ def test_cancelling_a_user_compaction_stops_its_external_job(cluster: LocalClust
     st = httpx.get(
         f"{cluster.url('tserver')}/v1/compactions/{started.id}",
         headers={SECRET_HEADER: cluster.secret},
+        timeout=10,
     ).json()
     assert st["state"] == "CANCELLED"
     cluster.wait_for(
