@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from lithify.cli.fileinfo import fileinfo
 from lithify.files.partitioned_writer import PartitionedFileWriter
 from lithify.files.storage import Storage
-from lithify.files.writer import write_entries
+from lithify.files.writer import META_FIRST_KEY, META_LAST_KEY, write_entries
 from tests.test_files import make_table
 
 
@@ -48,6 +48,29 @@ def test_verify_fails_on_keys_out_of_order_and_names_the_file(tmp_path) -> None:
     code, out = _run(str(tmp_path / "u.parquet"), "--verify")
     assert code == 1
     assert "u.parquet: entries are not in key order at entry 1000" in out
+
+
+def test_verify_fails_on_footer_keys_the_entries_contradict(tmp_path) -> None:
+    storage = Storage(str(tmp_path))
+    t = make_table(500, seed=14)
+    write_entries(storage, "k.parquet", t)
+    pf = pq.ParquetFile(tmp_path / "k.parquet")
+    kv = dict(pf.metadata.metadata)
+    kv[META_LAST_KEY] = kv[META_FIRST_KEY]  # claims a narrower range than it holds
+    pq.write_table(pf.read().replace_schema_metadata(kv), tmp_path / "k2.parquet")
+    code, out = _run(str(tmp_path / "k2.parquet"))
+    assert code == 0, out
+    code, out = _run(str(tmp_path / "k2.parquet"), "--verify")
+    assert code == 1
+    assert "k2.parquet: footer says the last key is " in out and ", read " in out
+
+
+def test_paths_that_are_not_files_are_refused_without_creating_anything(tmp_path) -> None:
+    code, out = _run(str(tmp_path / "no" / "such.parquet"))
+    assert code == 2 and "does not exist" in out
+    assert not (tmp_path / "no").exists()
+    code, out = _run(str(tmp_path))
+    assert code == 2 and "is a directory" in out
 
 
 def test_a_truncated_file_is_an_error_naming_it_and_the_others_still_shown(tmp_path) -> None:

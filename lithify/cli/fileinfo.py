@@ -61,14 +61,14 @@ def describe(reader: SortedFileReader) -> list[tuple[str, str]]:
 
 
 @click.command("fileinfo")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option(
     "--verify",
     is_flag=True,
     help="Also read every entry: page checksums, schema, nulls and key order (reads it all).",
 )
 def fileinfo(paths: tuple[str, ...], verify: bool) -> None:
-    """Print what the sorted files at PATHS hold (from their footers).
+    """Print what the sorted files at PATHS (local files) hold, from their footers.
 
     Exits with status 1 when a file cannot be read or, with --verify, is not a valid sorted
     file; the message names the file and what is wrong.

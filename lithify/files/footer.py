@@ -204,6 +204,8 @@ def move_row_group(rg: list[list[Any]], delta: int) -> None:
         elif f[0] == 1:
             for chunk in f[2][1]:
                 for cf in chunk:
+                    if cf[0] == 2 and cf[2] == 0:
+                        continue  # file_offset 0: no column metadata outside the footer
                     if cf[0] in _CHUNK_OFFSETS and cf[1] == _T_I64:
                         cf[2] += delta
                     elif cf[0] == 3:

@@ -80,9 +80,13 @@ class PartWriter:
 
     def _write_row_group(self, table: pa.Table) -> None:
         image = self._encode(table)
-        start, foot = footer.split_file(memoryview(image))
+        try:
+            start, foot = footer.split_file(memoryview(image))
+            groups = footer.row_groups(foot)
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"row group image of {self.path}: {e}") from e
         at = self._file.append(image.slice(4, start - 4))
-        for rg in footer.row_groups(foot):
+        for rg in groups:
             footer.move_row_group(rg, at - 4)
             self.row_groups.append(rg)
         self.bytes_written += start - 4
@@ -140,6 +144,8 @@ class PartitionedFileWriter:
         self.path = rel_path
         self.options = WriterOptions(compression, compression_level, row_group_size)
         self._storage = storage
+        # Row group images live in their part's scratch buffer, rewritten for the next one.
+        self._copy_appends = not storage.write_is_synchronous
         self._lock = threading.Lock()
         self._stream = storage.open_output(rel_path)
         self._done = False
@@ -169,7 +175,13 @@ class PartitionedFileWriter:
         pw.close()
 
     def append(self, data: pa.Buffer) -> int:
-        """Write `data` at the end of the file; return the offset it starts at."""
+        """Write `data` at the end of the file; return the offset it starts at.
+
+        `data` may be reused once this returns: where the stream might still read it later, it
+        gets a copy.
+        """
+        if self._copy_appends:
+            data = pa.py_buffer(data.to_pybytes())
         with self._lock:
             if self._done:
                 raise ValueError(f"writer for {self.path} is closed")

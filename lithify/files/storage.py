@@ -26,8 +26,9 @@ class Storage:
             fs, base = pafs.LocalFileSystem(), os.path.abspath(root)
         self.root = root
         self.fs: pafs.FileSystem = fs
-        self._base = base.rstrip("/")
-        self.fs.create_dir(self._base, recursive=True)
+        self._base = base.rstrip("/")  # "" for the filesystem's root
+        if self._base:
+            self.fs.create_dir(self._base, recursive=True)
 
     def __repr__(self) -> str:
         return f"Storage({self.root!r})"
@@ -36,6 +37,13 @@ class Storage:
         """The path of `rel` as the underlying filesystem names it."""
         rel = rel.lstrip("/")
         return f"{self._base}/{rel}" if rel else self._base
+
+    @property
+    def write_is_synchronous(self) -> bool:
+        """Whether an output stream is done with a buffer once `write` returns, so the caller
+        may reuse it. True for local files; object stores (S3) upload a large write in the
+        background straight from the caller's buffer."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
 
     def open_input(self, rel: str) -> pa.NativeFile:
         """A random-access file (Parquet readers seek to the footer first)."""

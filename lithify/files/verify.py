@@ -21,8 +21,8 @@ class FileCheckError(ValueError):
 
 def verify_entries(reader: SortedFileReader, *, allow_empty: bool = True) -> FileInfo:
     """Read every entry of `reader`'s file; FileCheckError for a wrong schema, no entries (when
-    not allowed), nulls or keys out of order, CorruptFileError (naming the file) for a page that
-    cannot be read."""
+    not allowed), nulls, keys out of order or footer facts (entries, first and last key) that
+    the entries contradict, CorruptFileError (naming the file) for a page that cannot be read."""
     problem = check_schema(reader.schema)
     if problem:
         raise FileCheckError(problem)
@@ -50,6 +50,13 @@ def verify_entries(reader: SortedFileReader, *, allow_empty: bool = True) -> Fil
         entries += batch.num_rows
     if entries != reader.entries:
         raise FileCheckError(f"footer says {reader.entries} entries, read {entries}")
+    if reader.format_version is not None:  # lithify's footer: planners and scans trust its keys
+        for which, said, read in (
+            ("first", reader.first_key, first),
+            ("last", reader.last_key, last),
+        ):
+            if said != read:
+                raise FileCheckError(f"footer says the {which} key is {said}, read {read}")
     return FileInfo(reader.path, reader.size, entries, first, last)
 
 
