@@ -125,6 +125,10 @@ class Store:
         self.storage = Storage(str(self.path / "data"))
         self.in_use = FilesInUse()
         self._lock = threading.RLock()
+        # Serialises the changes of which tablets exist (split, merge, offline). Never held by
+        # a flush: those flush tablets, and a background flush takes `_lock` while it holds
+        # its tablet's flush lock, so `_lock` must not be held across a flush either.
+        self._layout_lock = threading.RLock()
         self._closed = False
         self._props_cache: dict[str, Properties] = {}
         self._sys_props = system_properties(self.meta.get_system_properties())
@@ -244,11 +248,14 @@ class Store:
         self._release_logs()
 
     def _release_logs(self) -> None:
+        self.logs.release_unreferenced(self._referenced_logs)
+
+    def _referenced_logs(self) -> set[str]:
         referenced = {p for tbs in self._all_tablet_lists() for tb in tbs for p in tb.meta.logs}
         referenced |= {
             p for t in self.meta.list_tables() for m in self.meta.tablets(t.id) for p in m.logs
         }
-        self.logs.release_unreferenced(referenced)
+        return referenced
 
     def _all_tablet_lists(self) -> list[list[Tablet]]:
         with self._lock:
@@ -397,16 +404,17 @@ class Store:
         info = self.meta.get_table(name)
         if info.state == "offline":
             return
-        hosted = self._hosted(info)
-        with _writes_held(hosted):
-            for tb in hosted:
-                tb.flush()
-            with self._lock:
-                gone = self._tablets.pop(info.id, [])
-                self._clock_floor[info.id] = max(
-                    [self._clock_floor.get(info.id, 0), *(tb.clock.last for tb in gone)]
-                )
-        self.meta.set_table_state(info.id, "offline")
+        with self._layout_lock:
+            hosted = self._hosted(info)
+            with _writes_held(hosted):
+                for tb in hosted:
+                    tb.flush()
+                with self._lock:
+                    gone = self._tablets.pop(info.id, [])
+                    self._clock_floor[info.id] = max(
+                        [self._clock_floor.get(info.id, 0), *(tb.clock.last for tb in gone)]
+                    )
+            self.meta.set_table_state(info.id, "offline")
         self._release_logs()
 
     def online(self, name: str) -> None:
@@ -424,9 +432,8 @@ class Store:
         """Split tablets at the given rows; no data is rewritten (files are fenced)."""
         info = self.meta.get_table(name)
         wanted = sorted({p.encode() if isinstance(p, str) else bytes(p) for p in points})
-        with self._lock:
-            tablets = list(self._hosted(info))
-            for tb in tablets:
+        with self._layout_lock:
+            for tb in self._hosted(info):
                 inner = [p for p in wanted if tb.extent.contains(p) and p != tb.extent.end_row]
                 if not inner:
                     continue
@@ -438,7 +445,7 @@ class Store:
                         lambda old, inner=inner: split_ops.split_tablet(old[0], inner),
                     )
                 self.cancel_compactions(info.id, [tb.extent])
-            self._host(info.id)
+                self._host(info.id)  # at once: writes held by the split wait for the children
         self._release_logs()
 
     def _replace_tablets(
@@ -469,7 +476,7 @@ class Store:
         """Join the tablets that overlap rows [start, end] into one; no data is rewritten."""
         info = self.meta.get_table(name)
         rng = RowRange.rows(_b(start), _b(end))
-        with self._lock:
+        with self._layout_lock:
             group = [tb for tb in self._hosted(info) if tb.extent.range.overlaps(rng)]
             if len(group) < 2:
                 return
@@ -745,8 +752,7 @@ class Store:
                         # compaction of all the tablet's files would drop the delete but not
                         # those puts, which would then reappear.
                         tb.flush()
-                        for _key in (meta.first_key, meta.last_key):
-                            tb.clock.observe(_key.timestamp)
+                        tb.clock.follow((meta.first_key.timestamp, meta.last_key.timestamp))
                         tb.mutate(
                             lambda m, f=fenced, tb=tb: m.replace(
                                 files=(*m.files, f), time=max(m.time, tb.clock.last)

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from lithify.compaction.compactor_job import CompactionRequest, run_compaction
+from lithify.coordinator.commit import Committer, commit_mutation
 from lithify.coordinator.config import CoordinatorConfig
-from lithify.coordinator.core import CompactionCoordinator
+from lithify.coordinator.core import CompactionCoordinator, NotActiveError
 from lithify.coordinator.queues import PlannedJob, planned_job_from_json
 from lithify.coordinator.requests import NOT_SUBMITTED, request_id
 from lithify.data.ranges import Extent, FileRef
@@ -27,7 +28,7 @@ from lithify.files.naming import new_file_name
 from lithify.files.reader import SortedFileReader
 from lithify.files.storage import Storage
 from lithify.files.writer import SortedFileWriter
-from lithify.metadata.store import LeaseLostError, MetadataStore, TabletMeta
+from lithify.metadata.store import FinalState, LeaseLostError, MetadataStore, TabletMeta
 from lithify.rpc.wire import extent_from_json, extent_to_json
 from tests.test_merge import to_table
 
@@ -528,6 +529,91 @@ def test_crash_after_commit_before_forgetting_keeps_the_output(env: Env) -> None
     assert env.meta.final_states() == []
 
 
+def test_finished_on_a_core_closed_before_its_commit_is_refused(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process stepped down and took the lease again (same epoch) while a `finished`
+    report waited: its successor rebuilt before the final state was written, so this core must
+    not acknowledge a commit it will not run; the compactor retries at the successor."""
+    _, (m,) = table_with_files(env)
+    old = env.core()
+    plan_all(old, m)
+    job = old.next_job("q", "c1", None, "e1")
+    result = compact_as_compactor(env.storage, job)
+    holder = env.meta.lease_info(LEASE).holder
+    real = old._committer.put_final_state
+    successors: list[CompactionCoordinator] = []
+
+    def closed_meanwhile(*args: Any) -> None:
+        old.close()
+        new = env.core(env.meta.acquire_lease(LEASE, holder, 60.0))
+        assert new.rebuild().adopted == 1
+        successors.append(new)
+        real(*args)
+
+    monkeypatch.setattr(old._committer, "put_final_state", closed_meanwhile)
+    with pytest.raises(NotActiveError):
+        old.finished("e1", "c1", result)
+    (new,) = successors
+    finish(new, "e1", "c1", result)
+    assert [f.path for f in tablet(env, m.extent).files] == [job["output_path"]]
+    assert env.meta.final_states() == []
+
+
+def test_a_deposed_release_keeps_the_temporary_file(env: Env) -> None:
+    """The fenced write comes before the delete: a deposed coordinator must not delete an
+    output its successor may be committing."""
+    _, (m,) = table_with_files(env)
+    core = env.core()
+    plan_all(core, m)
+    job = core.next_job("q", "c1", None, "e1")
+    compact_as_compactor(env.storage, job)
+    env.meta.put_final_state("e1", m.extent.table_id, m.extent, "FAILED", dict(job))
+
+    def lease_lost(fn: Any) -> Any:
+        raise LeaseLostError("deposed")
+
+    deposed = Committer(env.meta, env.storage, core.fence, lease_lost)
+    with pytest.raises(LeaseLostError):
+        deposed.release(m.extent, "e1", job["tmp_path"])
+    assert env.storage.exists(job["tmp_path"])
+    (fs,) = env.meta.final_states()
+    with pytest.raises(LeaseLostError):
+        deposed.recover(fs)
+    assert env.storage.exists(job["tmp_path"])
+    assert list(tablet(env, m.extent).compactions) == ["e1"]
+
+
+def test_rebuild_goes_on_past_a_final_state_it_cannot_recover(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metas = [table_with_files(env, name)[1][0] for name in ("t1", "t2")]
+    old = env.core()
+    jobs, results = [], []
+    for i, m in enumerate(metas):
+        plan_all(old, m)
+        jobs.append(old.next_job("q", "c1", None, f"e{i}"))
+        results.append(compact_as_compactor(env.storage, jobs[-1]))
+        old.record_final_state(f"e{i}", results[-1])  # ... and the process dies
+    new = env.core(env.take_lease("http://coordinator-b"))
+    real = new._committer.recover
+
+    def broken_once(fs: FinalState) -> bool:
+        if fs.ecid == "e1":
+            raise OSError("storage hiccup")
+        return real(fs)
+
+    monkeypatch.setattr(new._committer, "recover", broken_once)
+    report = new.rebuild()
+    assert (report.committed, report.failed) == (1, 1)
+    new.finished("e1", "c1", results[1])  # the compactor's retry: acknowledged
+    assert new.drain_commits(30)  # the background committer retried it
+    for m, job in zip(metas, jobs, strict=True):
+        assert [f.path for f in tablet(env, m.extent).files] == [job["output_path"]]
+    assert env.meta.final_states() == []
+    assert new.metrics().completed == 1
+
+
 def test_rebuild_adopts_external_records_only(env: Env) -> None:
     _, (m,) = table_with_files(env)
     old = env.core()
@@ -625,6 +711,37 @@ def test_finished_after_the_record_vanished_deletes_the_output(env: Env) -> None
     assert not env.storage.exists(job["tmp_path"])
     assert env.meta.final_states() == []
     assert core.metrics().cancelled == 1
+
+
+def test_a_cancelled_user_compactions_output_joins_a_newer_selection(env: Env) -> None:
+    """User compaction u1 is cancelled while its compaction runs, and u2 selects the same
+    files: u1's output was written without u2's iterators, so u2 must still rewrite it."""
+    _, (m,) = table_with_files(env)
+    sel = {"id": "u1", "files": [f.to_json() for f in m.files], "outputs": [], "hints": {}}
+    m = env.meta.mutate_tablet(m.extent, lambda t: t.replace(selection=sel))
+    core = env.core()
+    plan_all(core, m, kind="USER")
+    job = core.next_job("q", "c1", None, "e1")
+    env.meta.mutate_tablet(m.extent, lambda t: t.replace(selection={**sel, "id": "u2"}))
+    finish(core, "e1", "c1", compact_as_compactor(env.storage, job))
+    after = tablet(env, m.extent)
+    assert [f.path for f in after.files] == [job["output_path"]]
+    assert after.selection is not None and after.selection["id"] == "u2"
+    assert [FileRef.from_json(x) for x in after.selection["files"]] == list(after.files)
+    assert after.selection["outputs"] == []
+
+
+def test_commit_mutation_counts_user_outputs_of_the_current_selection_only() -> None:
+    f1, f2, out = (FileRef(f"tables/t/{n}.parquet", 10, 1) for n in ("F1", "F2", "C3"))
+    sel = {"id": "u2", "files": [f1.to_json(), f2.to_json()], "outputs": [], "hints": {}}
+    rec = {"ecid": "e1", "kind": "USER", "inputs": [f1.to_json(), f2.to_json()]}
+    m = TabletMeta(Extent("t", None, None), files=(f1, f2), selection=sel)
+    stale = commit_mutation("e1", out)(m.replace(compactions={"e1": {**rec, "selection_id": "u1"}}))
+    assert stale is not None and stale.selection == {**sel, "files": [out.to_json()]}
+    current = commit_mutation("e1", out)(
+        m.replace(compactions={"e1": {**rec, "selection_id": "u2"}})
+    )
+    assert current is not None and current.selection is None
 
 
 def test_dropped_user_selection_cancels(env: Env) -> None:

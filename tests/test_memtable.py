@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from lithify.data.key import ENTRY_SCHEMA, sort_tuple
 from lithify.data.mutation import INPUT_SCHEMA
 from lithify.data.ranges import FULL_RANGE, RowRange
+from lithify.errors import LithifyError
+from lithify.tablet.clock import FOLLOW_AHEAD_MS, MAX_TIMESTAMP
 from lithify.tablet.memtable import InMemoryMap, TabletClock
 
 Entry = tuple[bytes, bytes, bytes, bytes, int, bool, bytes]
@@ -346,6 +348,38 @@ def test_clock_observe_moves_it_forward_only() -> None:
     clock.observe_table(_input([None, 900, 30]))
     assert clock.next() == 901
     assert TabletClock(last=50, now_ms=lambda: 10).next() == 51
+
+
+def test_clock_does_not_follow_far_future_client_timestamps() -> None:
+    hour = FOLLOW_AHEAD_MS
+    clock = TabletClock(now_ms=lambda: 1000)
+    clock.observe_table(_input([MAX_TIMESTAMP]))
+    clock.observe_table(_input([1000 + hour + 1]))
+    clock.follow([None, MAX_TIMESTAMP])
+    assert clock.last == 0
+    clock.follow([1000 + hour])  # slightly ahead: could be the clock's own
+    assert clock.last == 1000 + hour
+    # A mixed batch (a log record may hold both kinds): the largest followable one wins; the
+    # limit is measured from the clock's time when it is ahead of the wall clock.
+    clock.observe_table(_input([5, None, 1000 + 2 * hour + 1, 1000 + 2 * hour - 7, 2**62]))
+    assert clock.last == 1000 + 2 * hour - 7
+    clock.follow([])
+    assert clock.next() == 1000 + 2 * hour - 6
+    # The tablet's own persisted time is not capped, and nothing overflows near the top.
+    clock.observe(MAX_TIMESTAMP - 1)
+    clock.follow([MAX_TIMESTAMP])
+    assert clock.last == MAX_TIMESTAMP
+
+
+def test_clock_next_past_the_largest_timestamp_raises() -> None:
+    clock = TabletClock(last=MAX_TIMESTAMP - 1, now_ms=lambda: 10)
+    assert clock.next() == MAX_TIMESTAMP
+    with pytest.raises(LithifyError, match=f"tablet's time is {MAX_TIMESTAMP}.*cannot advance"):
+        clock.next()
+    with pytest.raises(LithifyError):
+        clock.assign(_input([None]))
+    assert clock.last == MAX_TIMESTAMP
+    assert clock.assign(_input([3])).column("timestamp").to_pylist() == [3]
 
 
 def test_clock_is_monotonic_across_threads() -> None:

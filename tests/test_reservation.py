@@ -34,7 +34,7 @@ from lithify import Mutation
 from lithify.data.ranges import Extent, FileRef, RowRange
 from lithify.errors import CompactionCancelledError
 from lithify.metadata.store import TabletMeta
-from lithify.tablet.compactions import selection_after_commit
+from lithify.tablet.compactions import of_current_selection, selection_after_commit
 from lithify.tablet.reservation import (
     ReservationError,
     commit,
@@ -209,6 +209,18 @@ def test_selection_empty_output() -> None:
     out = ref("C9")
     m2 = meta(out, F3, selection=selected(out, F3, outputs=(out.path,)))
     assert selection_after_commit(m2, {F3}, None, True) is None
+
+
+def test_a_cancelled_selections_output_is_rewritten_by_a_newer_one() -> None:
+    """Selection u1 was cancelled and u2 selected the same files while u1's compaction ran:
+    its output is no output of u2, which goes on and rewrites it."""
+    out = ref("A10", 300)
+    m = meta(F1, F2, selection=selected(F1, F2))  # id u1
+    newer = m.replace(selection={**m.selection, "id": "u2"})
+    assert of_current_selection(m, "u1") and not of_current_selection(newer, "u1")
+    assert not of_current_selection(m, None) and not of_current_selection(meta(F1), "u1")
+    after = selection_after_commit(newer, {F1, F2}, out, of_current_selection(newer, "u1"))
+    assert after is not None and sel_files(after) == {out} and after["outputs"] == []
 
 
 # -- property test on a live store -----------------------------------------------------------------

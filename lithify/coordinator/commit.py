@@ -9,8 +9,8 @@ new coordinator finishes whatever final state it finds (`Committer.recover`):
    the record is gone, the output belongs to nobody and is deleted;
 4. delete the final state and tell the tablet server to refresh the tablet.
 
-A failed or cancelled compaction is released instead: its temporary file is deleted and its
-record removed, so that its files become candidates again.
+A failed or cancelled compaction is released instead: its record is removed, so that its files
+become candidates again, and its temporary file deleted.
 
 `Committer` does the I/O of these steps and nothing else: which compaction is running, and the
 locking around a report, belong to the coordinator (`core.py`). The tablet mutations are plain
@@ -36,7 +36,7 @@ from lithify.errors import TableNotFoundError
 from lithify.files.storage import Storage
 from lithify.metadata.store import FinalState, MetadataStore, TabletMeta
 from lithify.tablet import reservation
-from lithify.tablet.compactions import selection_after_commit
+from lithify.tablet.compactions import of_current_selection, selection_after_commit
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def commit_mutation(
         if rec is None:
             return None
         inputs = {FileRef.from_json(x) for x in rec["inputs"]}
-        user = rec.get("kind") == "USER"
+        user = rec.get("kind") == "USER" and of_current_selection(m, rec.get("selection_id"))
         return reservation.commit(m, ecid, out_ref).replace(
             selection=selection_after_commit(m, inputs, out_ref, user)
         )
@@ -143,7 +143,11 @@ class Committer:
                 # Neither file: the result is lost (deleted by hand?). Fail it: the inputs
                 # are intact and become candidates again.
                 log.error(
-                    "compaction %s of %s: output %s is missing; failing it", ecid, extent, tmp
+                    "compaction %s of %s: temporary %s and output %s are missing; failing it",
+                    ecid,
+                    extent,
+                    tmp,
+                    output,
                 )
                 self.release_record(extent, ecid)
                 self.delete_final_state(ecid)
@@ -166,7 +170,13 @@ class Committer:
                 outcome = DROPPED
                 if out_ref is not None:
                     self.storage.delete(output)
-            log.info("compaction %s of %s: record gone at commit (%s)", ecid, extent, outcome)
+            log.info(
+                "compaction %s of %s: record gone at commit (%s)%s",
+                ecid,
+                extent,
+                outcome,
+                f"; output {output} deleted" if outcome == DROPPED and out_ref else "",
+            )
         else:
             log.info(
                 "Compacted %s created %s (ecid %s)",
@@ -184,18 +194,23 @@ class Committer:
         if fs.state == "FINISHED":
             self.commit(fs.ecid, fs.extent, fs.data)
             return True
+        self.release_record(fs.extent, fs.ecid)  # fenced first: see `release`
         tmp = fs.data.get("tmp_path")
         if isinstance(tmp, str):
             self.storage.delete(tmp)
-        self.release_record(fs.extent, fs.ecid)
         self.delete_final_state(fs.ecid)
         return False
 
     def release(self, extent: Extent, ecid: str, tmp_path: str) -> None:
-        """A failed or cancelled compaction: delete its temporary output, remove its record
-        (its files become candidates again) and have the tablet planned again."""
-        self.storage.delete(tmp_path)
+        """A failed or cancelled compaction: remove its record (its files become candidates
+        again), delete its temporary output and have the tablet planned again.
+
+        The fenced write comes first: a deposed coordinator must not delete an output that its
+        successor may be committing. A crash between the two leaves an unreferenced temporary
+        file, which the garbage collector deletes (`lithify.gc`).
+        """
         self.release_record(extent, ecid)
+        self.storage.delete(tmp_path)
         self.notify([extent])
 
     def release_record(self, extent: Extent, ecid: str) -> None:

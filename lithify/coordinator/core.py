@@ -86,7 +86,7 @@ from lithify.coordinator.running import (
 from lithify.data.ranges import Extent
 from lithify.errors import LithifyError
 from lithify.files.storage import Storage
-from lithify.metadata.store import LeaseLostError, MetadataStore
+from lithify.metadata.store import FinalState, LeaseLostError, MetadataStore
 
 #: Names other modules imported from here before the split; they stay importable.
 __all__ = [
@@ -121,11 +121,13 @@ class NotActiveError(LithifyError):
 
 @dataclass
 class RebuildReport:
-    """What a takeover found: final states committed or cleaned, running records adopted."""
+    """What a takeover found: final states committed or cleaned, running records adopted, and
+    final states whose recovery failed (left in the metadata, to be retried)."""
 
     committed: int = 0
     cleaned: int = 0
     adopted: int = 0
+    failed: int = 0
 
 
 @dataclass
@@ -493,7 +495,10 @@ class CompactionCoordinator:
                     run.state = before
                 raise
         if not self._commits.submit((run, data)):
-            log.info("compaction %s: closing; its final state waits for the next coordinator", ecid)
+            # Closed meanwhile: nothing here commits it, and the next coordinator may have
+            # rebuilt already. The compactor reports again to it (writing the final state again
+            # is harmless).
+            raise NotActiveError(f"coordinator is closed; compaction {ecid} not committed")
 
     def _commit_one(self, item: tuple[RunningCompaction, dict[str, Any]]) -> bool:
         """The background commit of a recorded final state, and its bookkeeping.
@@ -600,12 +605,36 @@ class CompactionCoordinator:
             return known
 
     def rebuild(self) -> RebuildReport:
-        """Takeover: commit left-over final states, then adopt every running record."""
+        """Takeover: commit left-over final states, then adopt every running record.
+
+        A final state whose recovery fails stays in the metadata (and does not stop the
+        takeover): a FINISHED one is queued on the background committer, which retries it;
+        any other is tried again at the next takeover.
+        """
         self._check_active()
         report = RebuildReport()
+        retry: list[FinalState] = []
         for fs in self.meta.final_states():
             with self._ecid_lock(fs.ecid):
-                if self._committer.recover(fs):
+                try:
+                    recovered = self._committer.recover(fs)
+                except LeaseLostError:
+                    raise
+                except Exception:
+                    log.exception(
+                        "takeover: recovery of final state %s (%s) of %s failed; temporary %s,"
+                        " output %s; left to retry",
+                        fs.ecid,
+                        fs.state,
+                        fs.extent,
+                        fs.data.get("tmp_path"),
+                        fs.data.get("output_path"),
+                    )
+                    report.failed += 1
+                    if fs.state == "FINISHED" and {"tmp_path", "output_path"} <= fs.data.keys():
+                        retry.append(fs)
+                    continue
+                if recovered:
                     report.committed += 1
                 else:
                     report.cleaned += 1
@@ -616,14 +645,29 @@ class CompactionCoordinator:
             with self._lock:
                 if self._running.add(run) is run:
                     report.adopted += 1
+        for fs in retry:
+            self._retry_commit(fs)
         log.info(
-            "coordinator epoch %d rebuilt: %d committed, %d cleaned, %d running adopted",
+            "coordinator epoch %d rebuilt: %d committed, %d cleaned, %d running adopted,"
+            " %d final states failed",
             self.epoch,
             report.committed,
             report.cleaned,
             report.adopted,
+            report.failed,
         )
         return report
+
+    def _retry_commit(self, fs: FinalState) -> None:
+        """Queue the commit of a FINISHED final state that `rebuild` failed to recover, as
+        COMMITTING (the running record adopted for it, else one made from the final state)."""
+        fallback = RunningCompaction.from_record(
+            fs.extent, {**fs.data, "ecid": fs.ecid}, self._heard_now()
+        )
+        with self._lock:
+            run = self._running.add(fallback)
+            run.state = COMMITTING
+        self._commits.submit((run, dict(fs.data)))
 
     # -- periodic check -----------------------------------------------------------------------
 

@@ -3,19 +3,33 @@
 A write without a timestamp gets the tablet's time (SYSTEM.md 1). Two writes to one tablet must
 never get timestamps that go backwards, even if the wall clock does (NTP steps, a restart on a
 host whose clock is behind), or a later write could be hidden behind an earlier one. So each
-assignment is max(now, last + 1), and recovery moves the clock past every timestamp it replays.
+assignment is max(now, last + 1). Recovery and bulk import move the clock past the timestamps
+they bring in that the clock could have handed out itself (at most `FOLLOW_AHEAD_MS` ahead of
+the wall clock or of the tablet's time); a timestamp further ahead was supplied by a client and,
+as when it is written, must not drag the tablet's time along with it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from lithify.data.key import ENTRY_SCHEMA
+from lithify.errors import LithifyError
+
+#: The largest timestamp (a signed 64-bit integer).
+MAX_TIMESTAMP = 2**63 - 1
+
+#: How far ahead of max(wall clock, tablet time) a replayed or imported timestamp may be and
+#: still move the clock. The clock gets past the wall clock only by one tick per write (many
+#: writes in one millisecond) or by a wall clock that was ahead before a restart; an hour covers
+#: both. A timestamp further ahead was written by a client, and following it could leave the
+#: tablet's time stuck in the future, or at MAX_TIMESTAMP where no write can be stamped.
+FOLLOW_AHEAD_MS = 60 * 60 * 1000
 
 
 def _now_ms() -> int:
@@ -41,21 +55,40 @@ class TabletClock:
         """A fresh timestamp: later than every one assigned or observed before."""
         with self._lock:
             ts = max(self._now_ms(), self._last + 1)
+            if ts > MAX_TIMESTAMP:
+                raise LithifyError(
+                    f"the tablet's time is {self._last}, the largest timestamp, and cannot "
+                    "advance: a write without a timestamp cannot be given one"
+                )
             self._last = ts
             return ts
 
     def observe(self, ts: int) -> None:
-        """Move the clock to at least `ts` (a timestamp replayed from a log or read in a file)."""
+        """Move the clock to at least `ts`, uncapped: for a time the tablet itself recorded
+        (its persisted time). Entries replayed or imported go through `follow` instead."""
         with self._lock:
             if ts > self._last:
                 self._last = ts
 
+    def follow(self, timestamps: pa.Array | pa.ChunkedArray | Iterable[int | None]) -> None:
+        """Move the clock to the largest of `timestamps` (replayed from a log or read in an
+        imported file) that it could have handed out: at most `FOLLOW_AHEAD_MS` past the wall
+        clock or the clock's own time. Larger ones were client-supplied and are ignored, as
+        are nulls; a batch may mix both kinds."""
+        if not isinstance(timestamps, pa.Array | pa.ChunkedArray):
+            timestamps = pa.array(list(timestamps), pa.int64())
+        if not len(timestamps):
+            return
+        with self._lock:
+            limit = min(max(self._now_ms(), self._last) + FOLLOW_AHEAD_MS, MAX_TIMESTAMP)
+            kept = pc.filter(timestamps, pc.less_equal(timestamps, pa.scalar(limit, pa.int64())))
+            top = pc.max(kept).as_py()
+            if top is not None and top > self._last:
+                self._last = top
+
     def observe_table(self, table: pa.Table) -> None:
-        """Observe the largest timestamp of an entry table (nulls ignored)."""
-        if table.num_rows:
-            top = pc.max(table.column("timestamp")).as_py()
-            if top is not None:
-                self.observe(top)
+        """`follow` the timestamps of an entry table."""
+        self.follow(table.column("timestamp"))
 
     def assign(self, table: pa.Table) -> pa.Table:
         """The entries with every null timestamp set to one fresh timestamp, in ENTRY_SCHEMA.

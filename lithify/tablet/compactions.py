@@ -161,6 +161,20 @@ def selection_after_commit(
     return {**sel, "files": [f.to_json() for f in rest], "outputs": outputs}
 
 
+def of_current_selection(meta: TabletMeta, selection_id: str | None) -> bool:
+    """Whether a user compaction reserved for selection `selection_id` works for the tablet's
+    current one, so its output counts as a user output (`selection_after_commit`).
+
+    Not when that selection was cancelled meanwhile: a newer one may have selected the same
+    files, and the stale output, written without the newer one's iterators, must be rewritten.
+    """
+    return (
+        selection_id is not None
+        and meta.selection is not None
+        and meta.selection.get("id") == selection_id
+    )
+
+
 class CompactionDriver:
     """Implements `CompactionHost` for the tablets hosted in this process."""
 
@@ -245,8 +259,12 @@ class CompactionDriver:
             # Decided on the metadata the reservation is made against, not an older copy.
             full = reservation.may_drop_deletes(m, files)
             output = new_file_name("A" if full else "C", tb.extent.table_id)
+            user_sel = m.selection if kind == CompactionKind.USER else None
             record.update(
-                tmp_path=tmp_name(output, cid), output_path=output, propagate_deletes=not full
+                tmp_path=tmp_name(output, cid),
+                output_path=output,
+                propagate_deletes=not full,
+                selection_id=None if user_sel is None else user_sel.get("id"),
             )
             return _reserve_checked(m, cid, files, record)
 
@@ -299,10 +317,13 @@ class CompactionDriver:
                     self._storage.delete(result.tmp_path)
                 inputs = set(files)
                 user = kind == CompactionKind.USER
+                sel_id = record.get("selection_id")
                 try:
                     committed = tb.mutate(
                         lambda m: reservation.commit(m, cid, out_ref).replace(
-                            selection=selection_after_commit(m, inputs, out_ref, user)
+                            selection=selection_after_commit(
+                                m, inputs, out_ref, user and of_current_selection(m, sel_id)
+                            )
                         )
                     )
                 except ReservationError:

@@ -11,9 +11,8 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import pyarrow as pa
 
 from lithify.metadata.store import MetadataStore
 from lithify.tablet.wal import WriteAheadLog
@@ -22,6 +21,14 @@ log = logging.getLogger(__name__)
 
 
 class LogManager:
+    """Which log is current, and which logs may be deleted.
+
+    A writer holds its log with `writing()` from before its append until the tablet's metadata
+    lists that log: in between, no tablet references it, and deleting it (or closing it for a
+    roll) would lose or fail an acknowledged write. A rolled log stays open until its last
+    writer is done.
+    """
+
     def __init__(
         self, meta: MetadataStore, directory: Path, max_size: int, *, flush_interval_s: float = 1.0
     ) -> None:
@@ -32,6 +39,7 @@ class LogManager:
         self._max_size = max_size
         self._lock = threading.Lock()
         self._current: WriteAheadLog | None = None
+        self._writers: dict[WriteAheadLog, int] = {}
 
     def _open_new(self) -> WriteAheadLog:
         gen = self._meta.next_log_generation()
@@ -41,29 +49,48 @@ class LogManager:
         log.info("opened write-ahead log %s", path)
         return wal
 
-    def current(self) -> WriteAheadLog:
-        """The log new writes go to, rolled over once it passes the size limit."""
-        with self._lock:
-            cur = self._current
-            if cur is None or cur.size_bytes >= self._max_size:
-                if cur is not None:
-                    cur.close()
-                cur = self._current = self._open_new()
-            return cur
+    def _current_locked(self) -> WriteAheadLog:
+        cur = self._current
+        if cur is None or cur.size_bytes >= self._max_size:
+            if cur is not None and cur not in self._writers:
+                cur.close()  # else its last writer closes it
+            cur = self._current = self._open_new()
+        return cur
 
-    def append(self, tablet: str, table: pa.Table, durability: str) -> tuple[int, str]:
-        """Append a tablet's entries; returns (sequence number, log path) once durable."""
-        wal = self.current()
-        seq = wal.append(tablet, table, durability=durability)
-        return seq, str(wal.path)
-
-    def release_unreferenced(self, referenced: set[str]) -> list[str]:
-        """Delete logs that no tablet lists any more (never the current one)."""
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[WriteAheadLog]:
+        """The log new writes go to (rolled over once it passes the size limit), held for the
+        block: it is neither closed nor deleted until the block ends."""
         with self._lock:
-            current = str(self._current.path) if self._current else None
+            wal = self._current_locked()
+            self._writers[wal] = self._writers.get(wal, 0) + 1
+        try:
+            yield wal
+        finally:
+            with self._lock:
+                left = self._writers.pop(wal) - 1
+                if left:
+                    self._writers[wal] = left
+                elif wal is not self._current:
+                    wal.close()
+
+    def release_unreferenced(self, referenced: Callable[[], set[str]]) -> list[str]:
+        """Delete the logs that no tablet lists (never the current one, nor one being written).
+
+        `referenced()` reads the tablets' log references. It is called after the logs are
+        listed and the held ones noted, so that a write that finished before that point is in
+        it, and one that had not is either holding its log or writing to a newer log, one that
+        is not in the list.
+        """
+        with self._lock:
+            keep = {str(w.path) for w in self._writers}
+            if self._current is not None:
+                keep.add(str(self._current.path))
+            listed = self._meta.list_logs()
+        refs = referenced()
         removed = []
-        for path, _gen in self._meta.list_logs():
-            if path in referenced or path == current:
+        for path, _gen in listed:
+            if path in keep or path in refs:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
@@ -73,6 +100,6 @@ class LogManager:
 
     def close(self) -> None:
         with self._lock:
-            if self._current is not None:
+            if self._current is not None and self._current not in self._writers:
                 self._current.close()
-                self._current = None
+            self._current = None

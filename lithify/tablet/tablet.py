@@ -179,9 +179,11 @@ class Tablet:
             else:
                 raise LithifyError(f"tablet {self.extent}: writes blocked for too long")
             stamped = self.clock.assign(entries)
-            seq, log_path = self._ctx.logs.append(self.key, stamped, durability)
-            if log_path not in self._meta.logs:
-                self._add_log_ref(log_path)
+            with self._ctx.logs.writing() as wal:
+                seq = wal.append(self.key, stamped, durability=durability)
+                log_path = str(wal.path)
+                if log_path not in self._meta.logs:
+                    self._add_log_ref(log_path)
             self._memtable.add(stamped, seq)
             self._memtable_logs.add(log_path)
             return seq
