@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sqlalchemy import text
 
 import lithify
 from lithify import Mutation
@@ -270,3 +271,14 @@ def test_writes_racing_splits_and_merges_lose_nothing(store):
     seen = {k.row.decode() for k, _ in store.scan_entries("t")}
     missing = [r for r in acked if r not in seen]
     assert not missing, f"{len(missing)} acknowledged rows lost, e.g. {missing[:5]}"
+
+
+def test_metadata_sqlite_synchronous_is_a_system_property(tmp_path, metadata_url):
+    if not metadata_url.startswith("sqlite"):
+        pytest.skip("SQLite's setting")
+    with lithify.open(tmp_path / "s", metadata_url=metadata_url) as s:
+        with pytest.raises(ConfigError, match="metadata.sqlite.synchronous"):
+            s.set_system_property("metadata.sqlite.synchronous", "sometimes")
+        s.set_system_property("metadata.sqlite.synchronous", "FULL")
+    with lithify.open(tmp_path / "s", metadata_url=metadata_url) as s, s.meta._read() as conn:
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL

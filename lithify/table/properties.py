@@ -216,6 +216,14 @@ SYSTEM_PROPERTIES: tuple[PropertyDef, ...] = (
         "record wherever it is, dropping what follows, with a warning)",
     ),
     PropertyDef(
+        "metadata.sqlite.synchronous",
+        "normal",
+        _choice("normal", "full", "extra"),
+        "SQLite's synchronous level for the metadata store, read when a process opens it: "
+        "normal survives a process crash, full also power loss (needed for table.durability=sync "
+        "to survive it) at a lower commit rate",
+    ),
+    PropertyDef(
         "tserver.compaction.major.service.",
         None,
         _any_string,
