@@ -65,6 +65,8 @@ _REPLACE_ATTEMPTS = 20
 
 #: Times a write is routed again after the tablets it was routed to were split or merged.
 _ROUTE_ATTEMPTS = 1000
+#: Longest pause between two looks for in-memory maps past `tserver.memory.maps.max.age`.
+_AGE_CHECK_MAX_S = 10.0
 
 #: Extra passes a flush task makes over maps frozen while it ran (each pass writes them all).
 _FLUSH_PASSES = 100
@@ -178,6 +180,11 @@ class Store:
             lambda: self._sys_props.get_duration("tserver.compaction.major.delay")
         )
         self.manager.plan_all()
+        self._stop_age_flush = threading.Event()
+        self._age_flusher = threading.Thread(
+            target=self._age_flush_loop, name="minc-age", daemon=True
+        )
+        self._age_flusher.start()
 
     # -- hosting ------------------------------------------------------------------------------
 
@@ -544,6 +551,27 @@ class Store:
             with self._memory_cv:
                 self._memory_cv.wait(timeout=0.05)
 
+    def _age_flush_loop(self) -> None:
+        """Flush maps holding entries older than `tserver.memory.maps.max.age`.
+
+        Flushes by size alone leave a tablet written now and then with a small map that lists
+        every log it was written to: those logs could never be deleted, and all of them would
+        be replayed after a crash.
+        """
+        while True:
+            age = self._sys_props.get_duration("tserver.memory.maps.max.age")
+            if self._stop_age_flush.wait(min(max(age / 4, 0.05), _AGE_CHECK_MAX_S) if age else 5):
+                return
+            if not age:
+                continue
+            try:
+                for tbs in self._all_tablet_lists():
+                    for tb in tbs:
+                        if tb.freeze_if_older(age):
+                            self._schedule_flush(tb, live=False)
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("flushing in-memory maps by age failed")
+
     def _schedule_flush(self, tb: Tablet, *, live: bool) -> Future:
         """A flush task for the tablet; an unfinished one already queued is reused when it
         covers what is asked (a live flush that has not started covers everything written
@@ -814,12 +842,17 @@ class Store:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def _stop_age_flusher(self) -> None:
+        self._stop_age_flush.set()
+        self._age_flusher.join(10)
+
     def _abandon(self) -> None:
         """Undo a start that failed part way (a log that cannot be recovered, a metadata store
         that cannot be reached): stop what was started and release the lock at once, so that
         the operator can fix the cause and open the store again in this process or another."""
         self._closed = True
         for name, stop in (
+            ("_age_flusher", self._stop_age_flusher),
             ("manager", lambda: self.manager.shutdown(wait=True)),
             ("_flusher", lambda: self._flusher.shutdown(wait=True)),
             ("logs", lambda: self.logs.close()),
@@ -838,6 +871,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self._stop_age_flusher()
         self.manager.shutdown(wait=True)
         self._flusher.shutdown(wait=True)
         self.logs.close()

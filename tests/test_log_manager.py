@@ -5,6 +5,7 @@ acknowledged write at the next restart)."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -129,3 +130,36 @@ def test_the_log_that_becomes_current_while_logs_are_released_is_kept(
     s.write("t", [Mutation(b"b%d" % i).put("f", "q", "v") for i in range(5)])
     s.close()
     assert _restart_count(tmp_path / "s", metadata_url, "t") == 6
+
+
+def test_a_map_older_than_its_age_limit_is_flushed_and_its_log_released(
+    tmp_path: Path, metadata_url: str
+) -> None:
+    with lithify.open(tmp_path / "s", metadata_url=metadata_url) as s:
+        s.set_system_property("tserver.memory.maps.max.age", "300ms")
+        s.set_system_property("tserver.wal.max.size", "1K")
+    with lithify.open(tmp_path / "s", metadata_url=metadata_url) as s:
+        s.create_table("t")
+        s.write("t", [Mutation(b"a").put("f", "q", "x" * 4000)])  # fills the first log
+        first_log = next(iter(s.tablets("t")[0].files), None)
+        assert first_log is None  # nothing flushed yet
+        [tb] = s._hosted(s.table_info("t"))
+        (log_path,) = tb.meta.logs
+        s.write("t", [Mutation(b"b").put("f", "q", "v")])  # the next write rolls the log
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and tb.meta.logs:
+            time.sleep(0.05)
+        assert not tb.meta.logs, "the map was not flushed by age"
+        s.gc()  # logs no tablet lists go with the collection (the tablet server's is periodic)
+        assert not Path(log_path).exists(), "the log was kept after the flush"
+        assert len(s.tablets("t")[0].files) >= 1 and s.count("t") == 2
+
+
+def test_an_age_limit_of_zero_flushes_only_by_size(tmp_path: Path, metadata_url: str) -> None:
+    with lithify.open(tmp_path / "s", metadata_url=metadata_url) as s:
+        s.set_system_property("tserver.memory.maps.max.age", "0")
+    with lithify.open(tmp_path / "s", metadata_url=metadata_url) as s:
+        s.create_table("t")
+        s.write("t", [Mutation(b"a").put("f", "q", "v")])
+        time.sleep(0.5)
+        assert not s.tablets("t")[0].files and s.count("t") == 1

@@ -198,6 +198,14 @@ SYSTEM_PROPERTIES: tuple[PropertyDef, ...] = (
     PropertyDef(
         "tserver.scan.files.open.max", "100", _int_at_least(2), "files a scan may open at once"
     ),
+    PropertyDef(
+        "tserver.memory.maps.max.age",
+        "5m",
+        _duration,
+        "a tablet's in-memory map holding entries written this long ago is flushed, so that a "
+        "tablet written now and then does not keep its write-ahead logs (and their replay after "
+        "a crash) for ever (0: only by size or on request)",
+    ),
     PropertyDef("tserver.wal.max.size", "1G", _size, "size at which the write-ahead log rolls"),
     PropertyDef(
         "tserver.wal.flush.interval",

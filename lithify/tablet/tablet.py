@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -120,6 +121,8 @@ class Tablet:
         self._retired = False
         self._memtable = InMemoryMap()
         self._memtable_logs: set[str] = set()
+        #: When the live map got its first entry (time.monotonic()), None while it is empty.
+        self._live_since: float | None = None
         #: Frozen maps not yet committed to a file, oldest first.
         self._frozen: list[_Frozen] = []
         self.clock = TabletClock()
@@ -186,6 +189,8 @@ class Tablet:
                     self._add_log_ref(log_path)
             self._memtable.add(stamped, seq)
             self._memtable_logs.add(log_path)
+            if self._live_since is None:
+                self._live_since = time.monotonic()
             return seq
 
     def block_writes(self) -> None:
@@ -238,12 +243,24 @@ class Tablet:
         limit, and a flush (now or later, in another thread) writes the frozen map.
         """
         with self._lock:
-            if self._memtable.entries == 0:
+            return self._freeze_locked()
+
+    def freeze_if_older(self, age_s: float) -> bool:
+        """`freeze` the live map if its first entry was written `age_s` or more ago."""
+        with self._lock:
+            since = self._live_since
+            if since is None or time.monotonic() - since < age_s:
                 return False
-            self._frozen.append(_Frozen(self._memtable, self._memtable_logs))
-            self._memtable = InMemoryMap()
-            self._memtable_logs = set()
-            return True
+            return self._freeze_locked()
+
+    def _freeze_locked(self) -> bool:
+        if self._memtable.entries == 0:
+            return False
+        self._frozen.append(_Frozen(self._memtable, self._memtable_logs))
+        self._memtable = InMemoryMap()
+        self._memtable_logs = set()
+        self._live_since = None
+        return True
 
     def flush(self, *, live: bool = True) -> FileRef | None:
         """Write the frozen maps to F files, oldest first; returns the last file (None if none).
@@ -339,6 +356,8 @@ class Tablet:
                 inside = _inside(rec.table, self.extent.range)
                 if inside.num_rows:
                     self._memtable.add(inside, rec.seq)
+                    if self._live_since is None:
+                        self._live_since = time.monotonic()
                     self.clock.observe_table(inside)
                     replayed += inside.num_rows
             self._memtable_logs = set(self._meta.logs)
