@@ -648,6 +648,16 @@ def test_leases(store: MetadataStore) -> None:
         store.acquire_lease("coordinator", "A", 0)
 
 
+def test_a_holder_taking_back_its_expired_lease_gets_a_new_epoch(store: MetadataStore) -> None:
+    e1 = store.acquire_lease("coordinator", "A", 0.3)
+    assert e1 is not None
+    time.sleep(0.5)
+    e2 = store.acquire_lease("coordinator", "A", 30)  # lapsed, nobody else took it
+    assert e2 == e1 + 1
+    assert not store.check_epoch("coordinator", e1)  # the old tenure's writes are fenced out
+    assert store.acquire_lease("coordinator", "A", 30) == e2  # renewal in time keeps it
+
+
 def test_lease_info(store: MetadataStore) -> None:
     assert store.lease_info("coordinator") is None  # never taken
     epoch = store.acquire_lease("coordinator", "http://host-a:9000", 30)

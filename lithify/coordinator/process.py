@@ -361,6 +361,10 @@ class CoordinatorRunner:
         log.warning("coordinator epoch %d stops serving: %s", core.epoch, why)
         self.holder.deactivate()
         core.close()
+        try:  # taken again (even by this process) only with a new epoch, fencing this core out
+            self.meta.release_lease(COORDINATOR_LEASE, self.url)
+        except Exception as e:  # noqa: BLE001 - it expires by itself
+            log.warning("releasing the coordinator lease failed: %s", e)
 
     def _check_loop(self) -> None:
         while not self._stop.wait(max(0.05, self._config.check_interval_s)):

@@ -922,8 +922,10 @@ class MetadataStore:
 
         Returns the epoch when `holder` now holds the lease, None when another holder's lease has
         not expired. The epoch increases by one whenever the holder changes (including after a
-        release), never on renewal; pass it as `fence=(name, epoch)` to make writes conditional
-        on still being the holder.
+        release) and when a holder takes back its own expired lease, never on renewal; pass it
+        as `fence=(name, epoch)` to make writes conditional on still being the holder. (A holder
+        whose lease lapsed may have stopped serving meanwhile; its new tenure gets a new epoch
+        so that writes still in flight from the old one are fenced out.)
         """
         if not holder:
             raise ValueError("lease holder must be a non-empty string")
@@ -938,7 +940,7 @@ class MetadataStore:
             )
             row = conn.execute(select(lt).where(lt.c.name == name).with_for_update()).one()
             now = self._db_now(conn)
-            if row.holder == holder:
+            if row.holder == holder and row.expires_at > now:
                 epoch = row.epoch
             elif row.holder is None or row.expires_at <= now:
                 epoch = row.epoch + 1
