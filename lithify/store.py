@@ -560,7 +560,8 @@ class Store:
         """
         while True:
             age = self._sys_props.get_duration("tserver.memory.maps.max.age")
-            if self._stop_age_flush.wait(min(max(age / 4, 0.05), _AGE_CHECK_MAX_S) if age else 5):
+            pause = min(max(age / 4, 0.05), _AGE_CHECK_MAX_S) if age else _AGE_CHECK_MAX_S
+            if self._stop_age_flush.wait(pause):
                 return
             if not age:
                 continue

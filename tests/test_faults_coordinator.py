@@ -197,7 +197,7 @@ def test_coordinator_dies_between_final_state_and_commit(cluster: LocalCluster, 
         cluster.meta.mutate_tablet(
             extent,
             lambda m: reservation.commit(m, ecid, out).replace(
-                selection=selection_after_commit(m, inputs, out, False)
+                selection=selection_after_commit(m, inputs, out, None)
             ),
             fence=("coordinator", epoch),
         )

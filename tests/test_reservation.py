@@ -34,7 +34,7 @@ from lithify import Mutation
 from lithify.data.ranges import Extent, FileRef, RowRange
 from lithify.errors import CompactionCancelledError
 from lithify.metadata.store import TabletMeta
-from lithify.tablet.compactions import of_current_selection, selection_after_commit
+from lithify.tablet.compactions import selection_after_commit
 from lithify.tablet.reservation import (
     ReservationError,
     commit,
@@ -160,19 +160,19 @@ def sel_files(sel: dict[str, Any]) -> set[FileRef]:
 
 
 def test_selection_none_stays_none() -> None:
-    assert selection_after_commit(meta(F1, F2), {F1, F2}, ref("A1"), True) is None
+    assert selection_after_commit(meta(F1, F2), {F1, F2}, ref("A1"), "u1") is None
 
 
 def test_selection_untouched_by_unselected_inputs() -> None:
     sel = selected(F1, F2)
     m = meta(F1, F2, F3, F4, selection=sel)
-    assert selection_after_commit(m, {F3, F4}, ref("C5"), False) == sel
+    assert selection_after_commit(m, {F3, F4}, ref("C5"), None) == sel
 
 
 def test_selection_partial_user_pass_continues_with_its_output() -> None:
     out = ref("C5", 300)
     m = meta(F1, F2, F3, selection=selected(F1, F2, F3))
-    after = selection_after_commit(m, {F1, F2}, out, True)
+    after = selection_after_commit(m, {F1, F2}, out, "u1")
     assert after is not None
     assert sel_files(after) == {F3, out} and after["outputs"] == [out.path]
     assert after["id"] == "u1"
@@ -181,34 +181,34 @@ def test_selection_partial_user_pass_continues_with_its_output() -> None:
 def test_selection_ends_with_one_user_output() -> None:
     out = ref("A6", 300)
     m = meta(F1, F2, selection=selected(F1, F2))
-    assert selection_after_commit(m, {F1, F2}, out, True) is None
+    assert selection_after_commit(m, {F1, F2}, out, "u1") is None
 
 
 def test_single_selected_file_must_still_be_rewritten() -> None:
     """One selected file that the user compaction did not write keeps the selection open, and
     once the user compaction rewrote it the selection ends."""
     m = meta(F1, selection=selected(F1))
-    assert selection_after_commit(m, set(), None, True) == m.selection
+    assert selection_after_commit(m, set(), None, "u1") == m.selection
     out = ref("A7")
-    assert selection_after_commit(m, {F1}, out, True) is None
+    assert selection_after_commit(m, {F1}, out, "u1") is None
 
 
 def test_selection_with_a_non_user_output_continues() -> None:
     out = ref("C8", 500)
     m = meta(F1, F2, selection=selected(F1, F2))
-    after = selection_after_commit(m, {F1, F2}, out, False)
+    after = selection_after_commit(m, {F1, F2}, out, None)
     assert after is not None and sel_files(after) == {out} and after["outputs"] == []
 
 
 def test_selection_empty_output() -> None:
     m = meta(F1, F2, F3, selection=selected(F1, F2, F3))
-    after = selection_after_commit(m, {F1, F2}, None, True)
+    after = selection_after_commit(m, {F1, F2}, None, "u1")
     assert after is not None and sel_files(after) == {F3}
-    assert selection_after_commit(m, {F1, F2, F3}, None, True) is None
+    assert selection_after_commit(m, {F1, F2, F3}, None, "u1") is None
     # The last remaining file is an earlier output of this user compaction: done.
     out = ref("C9")
     m2 = meta(out, F3, selection=selected(out, F3, outputs=(out.path,)))
-    assert selection_after_commit(m2, {F3}, None, True) is None
+    assert selection_after_commit(m2, {F3}, None, "u1") is None
 
 
 def test_a_cancelled_selections_output_is_rewritten_by_a_newer_one() -> None:
@@ -217,9 +217,7 @@ def test_a_cancelled_selections_output_is_rewritten_by_a_newer_one() -> None:
     out = ref("A10", 300)
     m = meta(F1, F2, selection=selected(F1, F2))  # id u1
     newer = m.replace(selection={**m.selection, "id": "u2"})
-    assert of_current_selection(m, "u1") and not of_current_selection(newer, "u1")
-    assert not of_current_selection(m, None) and not of_current_selection(meta(F1), "u1")
-    after = selection_after_commit(newer, {F1, F2}, out, of_current_selection(newer, "u1"))
+    after = selection_after_commit(newer, {F1, F2}, out, "u1")
     assert after is not None and sel_files(after) == {out} and after["outputs"] == []
 
 

@@ -36,7 +36,7 @@ from lithify.errors import TableNotFoundError
 from lithify.files.storage import Storage
 from lithify.metadata.store import FinalState, MetadataStore, TabletMeta
 from lithify.tablet import reservation
-from lithify.tablet.compactions import of_current_selection, selection_after_commit
+from lithify.tablet.compactions import selection_after_commit
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,8 @@ def commit_mutation(
         if rec is None:
             return None
         inputs = {FileRef.from_json(x) for x in rec["inputs"]}
-        user = rec.get("kind") == "USER" and of_current_selection(m, rec.get("selection_id"))
         return reservation.commit(m, ecid, out_ref).replace(
-            selection=selection_after_commit(m, inputs, out_ref, user)
+            selection=selection_after_commit(m, inputs, out_ref, rec.get("selection_id"))
         )
 
     return commit

@@ -137,16 +137,21 @@ def view_of(meta: TabletMeta, props: Mapping[str, str]) -> TabletView:
 
 
 def selection_after_commit(
-    meta: TabletMeta, inputs: set[FileRef], output: FileRef | None, user: bool
+    meta: TabletMeta, inputs: set[FileRef], output: FileRef | None, selection_id: str | None
 ) -> dict[str, Any] | None:
     """The user-compaction selection once a compaction of `inputs` committed.
 
-    Selected inputs are replaced by the output; the selection ends (None) when a single file
-    produced by the user compaction remains, or nothing remains.
+    `selection_id` is the selection the compaction was reserved for (None unless it was a user
+    compaction). Selected inputs are replaced by the output, which counts as the selection's
+    own only when that is the current selection: one cancelled meanwhile may have been replaced
+    by a newer one of the same files, and a stale output, written without the newer one's
+    iterators, must be rewritten. The selection ends (None) when a single file produced by the
+    user compaction remains, or nothing remains.
     """
     sel = meta.selection
     if sel is None:
         return None
+    user = selection_id is not None and sel.get("id") == selection_id
     files = [FileRef.from_json(x) for x in sel["files"]]
     if not inputs & set(files):
         return sel
@@ -159,20 +164,6 @@ def selection_after_commit(
     if not rest or (len(rest) == 1 and rest[0].path in outputs):
         return None
     return {**sel, "files": [f.to_json() for f in rest], "outputs": outputs}
-
-
-def of_current_selection(meta: TabletMeta, selection_id: str | None) -> bool:
-    """Whether a user compaction reserved for selection `selection_id` works for the tablet's
-    current one, so its output counts as a user output (`selection_after_commit`).
-
-    Not when that selection was cancelled meanwhile: a newer one may have selected the same
-    files, and the stale output, written without the newer one's iterators, must be rewritten.
-    """
-    return (
-        selection_id is not None
-        and meta.selection is not None
-        and meta.selection.get("id") == selection_id
-    )
 
 
 class CompactionDriver:
@@ -316,14 +307,11 @@ class CompactionDriver:
                 else:
                     self._storage.delete(result.tmp_path)
                 inputs = set(files)
-                user = kind == CompactionKind.USER
                 sel_id = record.get("selection_id")
                 try:
                     committed = tb.mutate(
                         lambda m: reservation.commit(m, cid, out_ref).replace(
-                            selection=selection_after_commit(
-                                m, inputs, out_ref, user and of_current_selection(m, sel_id)
-                            )
+                            selection=selection_after_commit(m, inputs, out_ref, sel_id)
                         )
                     )
                 except ReservationError:
